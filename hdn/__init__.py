@@ -1,0 +1,34 @@
+"""hdn: exact, fast SSI and Hierarchical Depth Normalization (HDN) losses for PyTorch.
+
+Functional API plus thin ``nn.Module`` wrappers::
+
+    import hdn
+    loss = hdn.hdn_loss(pred, target, mask, context="dr", levels=3)
+"""
+
+from . import contexts
+from .losses import (
+    GradientMatchingLoss,
+    HDNLoss,
+    SSILoss,
+    contexts_loss,
+    gradient_matching_loss,
+    hdn_loss,
+    ssi_loss,
+)
+from .normalization import context_normalize, ssi_normalize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "contexts",
+    "ssi_loss",
+    "hdn_loss",
+    "contexts_loss",
+    "gradient_matching_loss",
+    "SSILoss",
+    "HDNLoss",
+    "GradientMatchingLoss",
+    "ssi_normalize",
+    "context_normalize",
+]

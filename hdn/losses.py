@@ -1,0 +1,215 @@
+"""SSI and HDN losses: the functional forms and their thin ``nn.Module`` wrappers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import contexts as _contexts
+from ._validation import check_depth_inputs, check_levels, stats_dtype
+from .normalization import ssi_normalize
+from .segments import HierarchicalSSI
+
+__all__ = [
+    "ssi_loss",
+    "hdn_loss",
+    "contexts_loss",
+    "gradient_matching_loss",
+    "SSILoss",
+    "HDNLoss",
+    "GradientMatchingLoss",
+]
+
+
+def contexts_loss(pred: Tensor, target: Tensor, mask: Tensor | None, contexts: _contexts.Contexts) -> Tensor:
+    """SSI loss over arbitrary contexts (the common core of :func:`ssi_loss` and :func:`hdn_loss`).
+
+    Args:
+        pred: ``(B, 1, H, W)`` or ``(B, H, W)``.
+        target: same shape.
+        mask: bool mask or ``None``.
+        contexts: a :class:`hdn.contexts.Contexts` of the same ``(B, H, W)``.
+
+    Returns:
+        scalar loss (float32, or float64 for float64 inputs).
+    """
+    p, g, valid = check_depth_inputs(pred, target, mask)
+    if not isinstance(contexts, _contexts.Contexts):
+        raise ValueError(
+            f"Invalid context: we expect one of {_contexts.CONTEXT_NAMES} or a hdn.contexts.Contexts. "
+            f"Got: {type(contexts).__name__}."
+        )
+    if tuple(contexts.shape) != tuple(p.shape):
+        raise ValueError(
+            f"Invalid context: we expect contexts built for shape {tuple(p.shape)}. Got: {tuple(contexts.shape)}."
+        )
+    if contexts.valid.device != p.device:
+        raise ValueError(f"Invalid context: we expect contexts on {p.device}. Got: {contexts.valid.device}.")
+    dtype = stats_dtype(p, g)
+    valid = (valid & contexts.valid).reshape(-1)
+    return HierarchicalSSI.apply(p.to(dtype).reshape(-1), g.to(dtype).reshape(-1), valid, contexts)
+
+
+def ssi_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Image-level scale-and-shift-invariant mean absolute error.
+
+    .. math:: \\mathcal L = \\frac{1}{\\sum_b n_b}\\sum_b\\sum_{i \\in v_b}
+              \\left|\\hat p_i - \\hat g_i\\right|,\\qquad
+              \\hat x = \\frac{x - \\operatorname{median}(x)}{\\frac{1}{n+1}\\sum|x - \\operatorname{median}(x)| + 10^{-6}}
+
+    Args:
+        pred: ``(B, 1, H, W)`` or ``(B, H, W)``, float16/bfloat16/float32/float64.
+        target: same shape and device; non-finite values are invalid.
+        mask: optional bool mask of the same shape (``None``: finite target).
+
+    Returns:
+        scalar; 0 (with zero gradient) when the batch has no valid pixel.
+
+    Examples:
+        >>> g = torch.rand(2, 1, 8, 8) + 1
+        >>> float(ssi_loss(3 * g + 5, g)) < 1e-4
+        True
+    """
+    check_depth_inputs(pred, target, mask)  # clear messages before building the context
+    return contexts_loss(pred, target, mask, _contexts.whole_image(target, mask))
+
+
+def hdn_loss(
+    pred: Tensor,
+    target: Tensor,
+    mask: Tensor | None = None,
+    *,
+    context: str | _contexts.Contexts = "dr",
+    levels: int = 3,
+) -> Tensor:
+    """Hierarchical depth normalization (HDN) loss.
+
+    Every context ``C`` (a set of valid pixels) normalises prediction and target on its own,
+    ``|p_hat_C - g_hat_C|`` per pixel; each pixel's loss is the mean over the contexts that
+    contain it, and the batch loss the sum over pixels divided by the number of valid
+    pixels (pixels in no context count 0):
+
+    .. math:: \\mathcal L = \\frac{1}{N_v}\\sum_i \\frac{1}{|\\mathcal C_i|}\\sum_{C \\in \\mathcal C_i}
+              \\left|\\hat p^C_i - \\hat g^C_i\\right|
+
+    Args:
+        pred: ``(B, 1, H, W)`` or ``(B, H, W)``.
+        target: same shape and device; non-finite values are invalid.
+        mask: optional bool mask (``None``: finite target).
+        context: ``"dr"`` (depth range), ``"dp"`` (depth percentile), ``"ds"`` (spatial grid),
+            or a :class:`hdn.contexts.Contexts` built for this batch (random variants, label
+            maps, ...); then ``levels`` is ignored.
+        levels: hierarchy depth ``L >= 1``; ``L = 1`` is :func:`ssi_loss`.
+
+    Returns:
+        scalar; 0 with zero gradient when the batch has no valid pixel.
+
+    Examples:
+        >>> g = torch.rand(2, 1, 16, 16) + 1
+        >>> float(hdn_loss(2 * g + 1, g, context="dp", levels=3)) < 1e-4
+        True
+    """
+    if isinstance(context, str):
+        check_levels(levels)
+        check_depth_inputs(pred, target, mask)
+        if context not in _contexts.CONTEXT_NAMES:
+            raise ValueError(
+                f"Invalid context: we expect one of {_contexts.CONTEXT_NAMES} or a Contexts object. Got: {context!r}."
+            )
+        context = _contexts.build(context, target, mask, levels=levels)
+    return contexts_loss(pred, target, mask, context)
+
+
+def gradient_matching_loss(
+    pred: Tensor, target: Tensor, mask: Tensor | None = None, *, scales: int = 4
+) -> Tensor:
+    """Multi-scale gradient matching on the SSI-normalised residual (MiDaS).
+
+    With ``R = p_hat - g_hat`` (image-level SSI normalisation) and ``R^k`` the residual
+    subsampled by ``2**k``:
+
+    .. math:: \\mathcal L = \\frac{1}{K}\\sum_{k=0}^{K-1} \\frac{1}{N_v^k}\\sum_i
+              \\left(|\\nabla_x R^k_i| + |\\nabla_y R^k_i|\\right)
+
+    where a difference counts only if both of its pixels are valid, and ``N_v^k`` is the
+    number of valid pixels at scale ``k`` (a scale without valid pixels adds 0).
+
+    Args:
+        pred: ``(B, 1, H, W)`` or ``(B, H, W)``.
+        target: same shape; non-finite values are invalid.
+        mask: optional bool mask.
+        scales: number of scales ``K >= 1``.
+
+    Returns:
+        scalar.
+
+    Examples:
+        >>> g = torch.rand(1, 1, 16, 16) + 1
+        >>> float(gradient_matching_loss(4 * g - 1, g)) < 1e-5
+        True
+    """
+    if isinstance(scales, bool) or not isinstance(scales, int) or scales < 1:
+        raise ValueError(f"Invalid scales: we expect an integer >= 1. Got: {scales!r}.")
+    p, g, valid = check_depth_inputs(pred, target, mask)
+    residual = ssi_normalize(p, valid) - ssi_normalize(g, valid)
+    total = residual.new_zeros(())
+    for k in range(scales):
+        step = 2**k
+        r, v = residual[:, ::step, ::step], valid[:, ::step, ::step]
+        vx = v[:, :, 1:] & v[:, :, :-1]
+        vy = v[:, 1:, :] & v[:, :-1, :]
+        gx = torch.where(vx, (r[:, :, 1:] - r[:, :, :-1]).abs(), 0)
+        gy = torch.where(vy, (r[:, 1:, :] - r[:, :-1, :]).abs(), 0)
+        n = int(v.sum())
+        if n:
+            total = total + (gx.sum() + gy.sum()) / n
+    return total / scales
+
+
+class SSILoss(nn.Module):
+    """Module form of :func:`ssi_loss`.
+
+    Examples:
+        >>> g = torch.rand(2, 1, 8, 8) + 1
+        >>> SSILoss()(g * 2, g).item() < 1e-4
+        True
+    """
+
+    def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        return ssi_loss(pred, target, mask)
+
+
+class HDNLoss(nn.Module):
+    """Module form of :func:`hdn_loss`; stores ``context`` and ``levels``.
+
+    Examples:
+        >>> loss = HDNLoss(context="ds", levels=2)
+        >>> g = torch.rand(2, 1, 8, 8) + 1
+        >>> loss(g * 2, g).item() < 1e-4
+        True
+    """
+
+    def __init__(self, context: str = "dr", levels: int = 3):
+        super().__init__()
+        check_levels(levels)
+        if context not in _contexts.CONTEXT_NAMES:
+            raise ValueError(f"Invalid context: we expect one of {_contexts.CONTEXT_NAMES}. Got: {context!r}.")
+        self.context, self.levels = context, levels
+
+    def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        return hdn_loss(pred, target, mask, context=self.context, levels=self.levels)
+
+    def extra_repr(self) -> str:
+        return f"context={self.context!r}, levels={self.levels}"
+
+
+class GradientMatchingLoss(nn.Module):
+    """Module form of :func:`gradient_matching_loss`."""
+
+    def __init__(self, scales: int = 4):
+        super().__init__()
+        self.scales = scales
+
+    def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        return gradient_matching_loss(pred, target, mask, scales=self.scales)
+
