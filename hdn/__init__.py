@@ -6,7 +6,8 @@ Functional API plus thin ``nn.Module`` wrappers::
     loss = hdn.hdn_loss(pred, target, mask, context="dr", levels=3)
 """
 
-from . import contexts
+from . import alignment, contexts, data, metrics
+from .alignment import align_least_squares, compute_scale_and_shift
 from .losses import (
     GradientMatchingLoss,
     HDNLoss,
@@ -21,7 +22,12 @@ from .normalization import context_normalize, ssi_normalize
 __version__ = "0.1.0"
 
 __all__ = [
+    "alignment",
     "contexts",
+    "data",
+    "metrics",
+    "align_least_squares",
+    "compute_scale_and_shift",
     "ssi_loss",
     "hdn_loss",
     "contexts_loss",

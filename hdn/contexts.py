@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._validation import _as_bhw, check_levels
-from .segments import ContextLevel
+from .segments import ContextLevel, value_order
 
 __all__ = [
     "Contexts",
@@ -112,7 +112,7 @@ class Contexts:
 
 
 def _prepare_target(target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    g = _as_bhw(target, "target")
+    g = _as_bhw(target, "target").detach()
     valid = torch.isfinite(g)
     if mask is not None:
         m = _as_bhw(mask, "mask")
@@ -132,20 +132,37 @@ class IntervalContexts(Contexts):
     """Nested depth-interval bins: bin ``i`` of level ``l`` holds ``lower <= g < upper``.
 
     Args:
-        target: ``(B, H, W)`` depth (invalid entries already zeroed).
+        target: ``(B, H, W)`` depth (invalid entries zeroed).
         valid: ``(B, H, W)`` bool.
         lower: per level ``l``, ``(B, 2**l)`` lower bin edges (non-decreasing along bins).
         upper: per level ``l``, ``(B, 2**l)`` upper bin edges (non-decreasing along bins).
+        order: ``value_order`` of the flattened target (image-major, invalid last), if known.
+        sorted_rows: ``_sorted_valid_rows(...)`` for that order, if known.
 
     The levels must nest: the edges of level ``l`` are every ``2**(L-1-l)``-th edge of the
     finest level (true for DR and DP, whose edges are the same float computations at the
-    same fractions). Bins are then found once, at the finest level, and a coarser level's
-    bin is the finest bin shifted right. Where adjacent bins overlap (DR's ``+ 1e-30`` can
-    make them overlap only when an edge lies within 1e-30 of zero), a pixel is assigned
-    to the last bin that contains it.
+    same fractions). Bins are found once, at the finest level, by locating the edges in
+    each image's sorted depths; a coarser level's bin is the finest bin shifted right.
+    Where adjacent bins overlap (DR's ``+ 1e-30`` can make them overlap only when an edge
+    lies within 1e-30 of zero), a pixel is assigned to the last bin that contains it.
+
+    Attributes:
+        target_order: ``(B*H*W,)`` the target's value order, reused by the loss.
+        sorted_by_target_order: True: along ``target_order`` every level's bin ids ascend
+            within an image (bins are intervals of the target), which the loss relies on.
     """
 
-    def __init__(self, target: Tensor, valid: Tensor, lower: list[Tensor], upper: list[Tensor]):
+    sorted_by_target_order = True
+
+    def __init__(
+        self,
+        target: Tensor,
+        valid: Tensor,
+        lower: list[Tensor],
+        upper: list[Tensor],
+        order: Tensor | None = None,
+        sorted_rows: tuple[Tensor, Tensor] | None = None,
+    ):
         self.shape = tuple(target.shape)  # type: ignore[assignment]
         self.valid = valid
         self.lower, self.upper = lower, upper
@@ -157,15 +174,50 @@ class IntervalContexts(Contexts):
             ):
                 raise ValueError(f"Invalid lower/upper: level {lvl} does not nest in the finest level.")
         B = target.shape[0]
-        g = target.reshape(B, -1)
-        finest_lower, finest_upper = lower[-1], upper[-1]
-        last = torch.searchsorted(finest_lower, g, right=True) - 1
-        inside = (last >= 0) & (g < finest_upper.gather(1, last.clamp(min=0))) & valid.reshape(B, -1)
-        self._finest = torch.where(inside, last, -1).reshape(-1)
+        flat, vflat = target.reshape(-1), valid.reshape(-1)
+        if order is None:
+            order, sorted_rows = value_order(flat, vflat, B), None
+        if sorted_rows is None:
+            sorted_rows = _sorted_valid_rows(flat, vflat, order, B)
+        self.target_order = order
+        self._finest = _bins_of_sorted(*sorted_rows, lower[-1], upper[-1], order)
 
     def level(self, index: int) -> ContextLevel:
         shift = self.num_levels - 1 - index
         return ContextLevel(self._finest >> shift, 2**index)  # -1 >> n == -1
+
+
+def _sorted_valid_rows(flat: Tensor, valid: Tensor, order: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """Each image's valid values ascending, then ``+inf``: ``(B, P)``; and the valid counts ``(B,)``."""
+    rows = flat.index_select(0, order).view(batch, -1)
+    count = valid.view(batch, -1).sum(dim=1)
+    beyond = torch.arange(rows.shape[1], device=rows.device).unsqueeze(0) >= count.unsqueeze(1)
+    return rows.masked_fill_(beyond, float("inf")), count
+
+
+def _bins_of_sorted(sorted_rows: Tensor, count: Tensor, lower: Tensor, upper: Tensor, order: Tensor) -> Tensor:
+    """Bin index (int32, -1 for none) of every pixel for interval bins ``lower <= g < upper``.
+
+    In an image's sorted depths, the pixels whose last bin with ``lower <= g`` is ``i`` form
+    the run ``[start_i, start_{i+1})`` (``start_i`` = first position with value >=
+    ``lower_i``); of those, the ones with ``g < upper_i`` come first, up to the first
+    position with value >= ``upper_i``. So two tiny searches per edge and one cumulative
+    sum label every position, and ``order`` takes the labels back to the pixels.
+    """
+    B, P = sorted_rows.shape
+    start = torch.searchsorted(sorted_rows, lower.contiguous()).clamp(max=P)  # (B, K)
+    stop = torch.searchsorted(sorted_rows, upper.contiguous()).clamp(max=P)
+    starts_here = torch.zeros(B, P + 1, dtype=torch.int32, device=sorted_rows.device)
+    starts_here.scatter_add_(1, start, torch.ones_like(start, dtype=torch.int32))
+    last = torch.cumsum(starts_here[:, :P], dim=1, dtype=torch.int32) - 1  # (B, P)
+    # position r is in bin last(r) iff r < stop[last(r)] and r is a valid position
+    stop_of_last = torch.cat([stop.new_zeros(B, 1), stop], dim=1).gather(1, (last + 1).long())
+    position = torch.arange(P, device=sorted_rows.device).unsqueeze(0)
+    member = (position < stop_of_last) & (position < count.unsqueeze(1)) & (last >= 0)
+    labels = last.masked_fill_(~member, -1).view(-1)
+    finest = torch.empty_like(labels)
+    finest.index_copy_(0, order, labels)
+    return finest
 
 
 def whole_image(target: Tensor, mask: Tensor | None = None) -> Contexts:
@@ -205,13 +257,11 @@ def depth_range(target: Tensor, mask: Tensor | None = None, *, levels: int = 3) 
     check_levels(levels)
     g, valid = _prepare_target(target, mask)
     B = g.shape[0]
-    flat, vflat = g.reshape(B, -1), valid.reshape(B, -1)
-    inf = torch.tensor(float("inf"), dtype=g.dtype, device=g.device)
-    lo = torch.where(vflat, flat, inf).amin(dim=1, keepdim=True)
-    hi = torch.where(vflat, flat, -inf).amax(dim=1, keepdim=True)
-    empty = ~vflat.any(dim=1, keepdim=True)
-    lo = torch.where(empty, torch.zeros_like(lo), lo)
-    hi = torch.where(empty, torch.zeros_like(hi), hi)
+    order = value_order(g.reshape(-1), valid.reshape(-1), B)
+    sorted_rows, count = _sorted_valid_rows(g.reshape(-1), valid.reshape(-1), order, B)
+    empty = (count == 0).unsqueeze(1)
+    lo = sorted_rows[:, :1].masked_fill(empty, 0)
+    hi = sorted_rows.gather(1, (count - 1).clamp(min=0).unsqueeze(1)).masked_fill_(empty, 0)
     lower, upper = [], []
     for lvl in range(levels):
         bins = 2**lvl
@@ -219,7 +269,7 @@ def depth_range(target: Tensor, mask: Tensor | None = None, *, levels: int = 3) 
         edges = lo + (hi - lo) * frac
         lower.append(edges[:, :-1].contiguous())
         upper.append((edges[:, 1:] + 1e-30).contiguous())
-    return IntervalContexts(g, valid, lower, upper)
+    return IntervalContexts(g, valid, lower, upper, order, (sorted_rows, count))
 
 
 def _sorted_quantiles(sorted_rows: Tensor, count: Tensor, fractions: Tensor) -> Tensor:
@@ -262,10 +312,8 @@ def depth_percentile(
     check_levels(levels)
     g, valid = _prepare_target(target, mask)
     B = g.shape[0]
-    flat, vflat = g.reshape(B, -1), valid.reshape(B, -1)
-    inf = torch.tensor(float("inf"), dtype=g.dtype, device=g.device)
-    sorted_rows = torch.sort(torch.where(vflat, flat, inf), dim=1).values
-    count = vflat.sum(dim=1)
+    order = value_order(g.reshape(-1), valid.reshape(-1), B)
+    sorted_rows, count = _sorted_valid_rows(g.reshape(-1), valid.reshape(-1), order, B)
     lower, upper = [], []
     for lvl in range(levels):
         bins = 2**lvl
@@ -274,7 +322,7 @@ def depth_percentile(
         q = torch.where(count.unsqueeze(1) > 0, q, torch.zeros_like(q))
         lower.append(q[:, :-1].contiguous())
         upper.append(q[:, 1:].contiguous())
-    return IntervalContexts(g, valid, lower, upper)
+    return IntervalContexts(g, valid, lower, upper, order, (sorted_rows, count))
 
 
 class GridContexts(Contexts):
@@ -308,7 +356,7 @@ class GridContexts(Contexts):
         dev = self.valid.device
         rows = self._cell_index(H, cells, dev)
         cols = self._cell_index(W, cells, dev)
-        cell = rows.unsqueeze(1) * cells + cols.unsqueeze(0)
+        cell = (rows.unsqueeze(1) * cells + cols.unsqueeze(0)).to(torch.int32)
         return ContextLevel(cell.expand(B, H, W).reshape(-1), cells * cells)
 
 

@@ -61,7 +61,11 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, base: int = 16, depth: int = 3):
         super().__init__()
-        for name, value, low in (("in_channels", in_channels, 1), ("base", base, 1), ("depth", depth, 0)):
+        for name, value, low in (
+            ("in_channels", in_channels, 1),
+            ("base", base, 1),
+            ("depth", depth, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Invalid {name}: we expect an int >= {low}. Got: {value!r}.")
         self.in_channels = in_channels
@@ -73,15 +77,20 @@ class UNet(nn.Module):
         )
         self.bottleneck = _block(widths[-2] if depth else in_channels, widths[-1])
         self.ups = nn.ModuleList(
-            nn.ConvTranspose2d(widths[k + 1], widths[k], 2, stride=2) for k in reversed(range(depth))
+            nn.ConvTranspose2d(widths[k + 1], widths[k], 2, stride=2)
+            for k in reversed(range(depth))
         )
-        self.decoders = nn.ModuleList(_block(2 * widths[k], widths[k]) for k in reversed(range(depth)))
+        self.decoders = nn.ModuleList(
+            _block(2 * widths[k], widths[k]) for k in reversed(range(depth))
+        )
         self.head = nn.Conv2d(widths[0], 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"Invalid input shape, we expect (B, {self.in_channels}, H, W). Got: {got}.")
+            raise ValueError(
+                f"Invalid input shape, we expect (B, {self.in_channels}, H, W). Got: {got}."
+            )
         factor = 2**self.depth
         H, W = x.shape[-2:]
         if H % factor or W % factor:

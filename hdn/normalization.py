@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ._validation import _as_bhw, stats_dtype
 from .contexts import Contexts
-from .segments import normalize_entries, resolve_level, segment_stats, value_order
+from .segments import resolve_level, segment_stats, value_order
 
 __all__ = ["ssi_normalize", "context_normalize"]
 
@@ -35,6 +35,8 @@ def context_normalize(x: Tensor, contexts: Contexts, level: int = 0, mask: Tenso
               t_C = \\operatorname{median}_{C} x,\\quad s_C = \\frac{1}{|C| + 1}\\sum_{j\\in C}|x_j - t_C|
 
     where ``C`` is the context that holds pixel ``i`` at that level. Differentiable.
+    In the example, level 1 of DR has the bins {1, 2, 3} and {10, 11}; 12 is the maximum
+    depth, in no bin (released behaviour), so it gets 0.
 
     Args:
         x: ``(B, 1, H, W)`` or ``(B, H, W)`` depth or prediction.
@@ -50,7 +52,7 @@ def context_normalize(x: Tensor, contexts: Contexts, level: int = 0, mask: Tenso
         >>> from hdn.contexts import depth_range
         >>> g = torch.tensor([[[1.0, 2.0, 3.0, 10.0, 11.0, 12.0]]])
         >>> context_normalize(g, depth_range(g, levels=2), level=1).round(decimals=2)
-        tensor([[[-1.5000,  0.0000,  1.5000,  0.0000,  0.0000,  0.0000]]])
+        tensor([[[-2.,  0.,  2.,  0.,  3.,  0.]]])
     """
     xf, valid, shape = _flat_inputs(x, mask)
     if tuple(contexts.shape) != shape:
@@ -58,12 +60,11 @@ def context_normalize(x: Tensor, contexts: Contexts, level: int = 0, mask: Tenso
     lvl = contexts.level(level)
     if lvl.pix is not None:
         raise ValueError(f"Invalid level: level {level} has overlapping contexts; normalise per context instead.")
-    B, H, W = shape
+    B = shape[0]
     valid = valid & contexts.valid.reshape(-1)
-    image_of = torch.arange(B, device=xf.device).repeat_interleave(H * W)
-    segments = resolve_level(lvl, valid, image_of, H * W)
-    stats = segment_stats(xf, value_order(xf.detach(), image_of, valid), segments)
-    return normalize_entries(xf, stats, segments)[1].view(shape)
+    segments = resolve_level(lvl, valid, B)
+    stats, centered = segment_stats(xf, value_order(xf.detach(), valid, B), segments)
+    return (centered * stats.inv_scale.index_select(0, segments.seg)).view(shape)
 
 
 def ssi_normalize(x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -82,8 +83,8 @@ def ssi_normalize(x: Tensor, mask: Tensor | None = None) -> Tensor:
         ``(B, H, W)`` normalised map, 0 at invalid pixels.
 
     Examples:
-        >>> ssi_normalize(torch.tensor([[[1.0, 2.0, 4.0]]]))
-        tensor([[[-0.7500,  0.0000,  1.5000]]])
+        >>> ssi_normalize(torch.tensor([[[1.0, 2.0, 4.0]]]))  # t = 2, s = (1 + 0 + 2) / 4
+        tensor([[[-1.3333,  0.0000,  2.6667]]])
     """
     from .contexts import whole_image
 

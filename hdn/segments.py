@@ -59,6 +59,7 @@ class Segments(NamedTuple):
     pix: Tensor | None
     num_slots: int  # B * (K + 1)
     dummy: Tensor  # (num_slots,) bool, True at the dummy slots
+    member: Tensor  # (M,) bool, True for entries in a real context
 
 
 class SegmentStats(NamedTuple):
@@ -70,37 +71,51 @@ class SegmentStats(NamedTuple):
     count: Tensor  # n (int64), 0 for dummies
 
 
-def value_order(x: Tensor, image_of: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
-    """Indices that sort a flat tensor by (image, validity, value), ties by position.
+def value_order(x: Tensor, valid: Tensor, batch: int, *, image_major: bool = True) -> Tensor:
+    """Indices that sort a flattened batch by value, ties by position.
 
-    float32 values map to an order-preserving non-negative int64 key, which
-    :func:`torch.sort` sorts with a radix sort on CPU; other dtypes use stable sorts.
+    With ``image_major`` the order is by (image, validity, value): each image's valid
+    entries ascending, then its invalid ones. Without it, the order is by value alone
+    (enough wherever segments are told apart by their ids).
+
+    float32 values map to order-preserving non-negative integer keys, which
+    :func:`torch.sort` sorts with a radix sort on CPU: the raw bits when no value is
+    negative (then no copy is needed), a sign-folded int64 key otherwise. Other dtypes use
+    stable comparison sorts.
 
     Args:
-        x: ``(N,)`` floating tensor without NaN at valid entries.
-        image_of: optional ``(N,)`` int64 image index of each entry (major key).
-        valid: optional ``(N,)`` bool; invalid entries sort after the valid ones of their image.
+        x: ``(N,)`` values of ``batch`` equal-size images, finite where valid.
+        valid: ``(N,)`` bool.
+        batch: number of images ``B``.
+        image_major: sort by image first.
 
     Returns:
         ``(N,)`` int64 permutation.
     """
-    if x.dtype == torch.float32:
-        bits = x.view(torch.int32).to(torch.int64)
-        key = torch.where(bits >= 0, bits + 2**31, -1 - bits)
-        if valid is not None:
-            key = torch.where(valid, key, 2**32 - 1)
-        if image_of is not None:
-            key = key + image_of * 2**32
-        return torch.sort(key, stable=True).indices
+    n = x.numel()
+    if x.dtype == torch.float32 and n:
+        bits = x.view(torch.int32)
+        non_negative = bool(bits.min() >= 0)  # no negative float (and no -0.0)
+        if non_negative and not image_major:
+            return torch.sort(bits, stable=True).indices
+        if non_negative:
+            key = bits.masked_fill(~valid, 2**31 - 1).to(torch.int64)
+        else:
+            key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).masked_fill_(~valid, 2**31 - 1)
+            key = key.to(torch.int64).add_(2**31)
+        if image_major:
+            key = key.view(batch, -1)
+            key += (torch.arange(batch, device=x.device, dtype=torch.int64) * 2**32).view(batch, 1)
+        return torch.sort(key.view(-1), stable=True).indices
     order = torch.sort(x, stable=True).indices
-    if valid is not None:
+    if image_major and n:
         order = order.index_select(0, torch.sort((~valid).index_select(0, order).to(torch.uint8), stable=True).indices)
-    if image_of is not None:
-        order = order.index_select(0, torch.sort(image_of.index_select(0, order), stable=True).indices)
+        image = torch.div(order, max(n // max(batch, 1), 1), rounding_mode="floor")
+        order = order.index_select(0, torch.sort(image, stable=True).indices)
     return order
 
 
-def _small_ints(x: Tensor, upper: int) -> Tensor:
+def _narrow(x: Tensor, upper: int) -> Tensor:
     """The same non-negative integers (< ``upper``) in the narrowest dtype that sorts fast."""
     if upper < 2**15:
         return x.to(torch.int16)
@@ -109,32 +124,53 @@ def _small_ints(x: Tensor, upper: int) -> Tensor:
     return x
 
 
-def resolve_level(level: ContextLevel, valid: Tensor, image_of: Tensor, pixels_per_image: int) -> Segments:
+def resolve_level(level: ContextLevel, valid: Tensor, batch: int) -> Segments:
     """Intersect a level with the valid pixels and number its segments internally.
 
     Args:
         level: the level.
-        valid: ``(N,)`` bool, ``N = B * pixels_per_image``.
-        image_of: ``(N,)`` int64 image index of each pixel.
-        pixels_per_image: ``H * W``.
+        valid: ``(N,)`` bool, ``N = B * H * W``.
+        batch: ``B``.
 
     Returns:
         :class:`Segments`.
     """
     K = level.per_image
-    B = valid.numel() // max(pixels_per_image, 1)
+    slots = batch * (K + 1)
+    index_dtype = torch.int32 if slots < 2**31 else torch.int64
     if level.pix is None:
-        inside, image = valid, image_of
+        member = valid & (level.index >= 0)
+        local = torch.where(member, level.index.to(index_dtype), K).view(batch, -1)
+        base = torch.arange(batch, device=valid.device, dtype=index_dtype).mul_(K + 1).view(batch, 1)
+        seg = (local + base).view(-1)
     else:
-        inside, image = valid.index_select(0, level.pix), torch.div(level.pix, pixels_per_image, rounding_mode="floor")
-    local = torch.where(inside & (level.index >= 0), level.index, K)
-    seg = image * (K + 1) + local
-    dummy = torch.zeros(B, K + 1, dtype=torch.bool, device=valid.device)
+        pixels_per_image = valid.numel() // max(batch, 1)
+        member = valid.index_select(0, level.pix) & (level.index >= 0)
+        image = torch.div(level.pix, pixels_per_image, rounding_mode="floor")
+        seg = image * (K + 1) + torch.where(member, level.index, K)
+    dummy = torch.zeros(batch, K + 1, dtype=torch.bool, device=valid.device)
     dummy[:, K] = True
-    return Segments(seg, level.pix, B * (K + 1), dummy.reshape(-1))
+    return Segments(seg.to(torch.int64), level.pix, slots, dummy.reshape(-1), member)
 
 
-def segment_stats(x: Tensor, order: Tensor, segments: Segments) -> SegmentStats:
+def _ascending(x: Tensor) -> bool:
+    """Whether a 1-D tensor is non-decreasing (a short prefix is tried first)."""
+    if x.numel() < 2:
+        return True
+    head = x[:4097]
+    if not bool((head[1:] >= head[:-1]).all()):
+        return False
+    return bool((x[1:] >= x[:-1]).all())
+
+
+def segment_stats(
+    x: Tensor,
+    order: Tensor,
+    segments: Segments,
+    entries_per_slot: Tensor | None = None,
+    *,
+    ascending: bool = False,
+) -> tuple[SegmentStats, Tensor]:
     """Median shift and mean-absolute-deviation scale of every segment of a level.
 
     Differentiable: the shift is a gather of the median entry, the scale a scatter-add,
@@ -144,28 +180,34 @@ def segment_stats(x: Tensor, order: Tensor, segments: Segments) -> SegmentStats:
         x: ``(N,)`` values of the flattened batch (finite).
         order: ``value_order(x, ...)``.
         segments: the level, resolved.
+        entries_per_slot: ``bincount(segments.seg)`` if already known.
+        ascending: the caller knows that the segment ids are non-decreasing along ``order``
+            (e.g. depth intervals along the target's value order), so no sort is needed.
 
     Returns:
-        :class:`SegmentStats`.
+        (:class:`SegmentStats`, ``centered``): ``centered = x - t`` per entry ``(M,)``.
     """
     seg, pix, slots = segments.seg, segments.pix, segments.num_slots
-    entries_per_slot = torch.bincount(seg, minlength=slots)
+    if entries_per_slot is None:
+        entries_per_slot = segment_counts(seg, slots)
     count = entries_per_slot.masked_fill(segments.dummy, 0)
     n_entries = seg.numel()
     if pix is None:
         # Entries are pixels: walk them in value order; a stable sort by segment id then
         # lists every segment's values in ascending order. Skip the sort when the ids are
         # already ascending in that order (interval contexts of the target are).
-        in_order = _small_ints(seg.index_select(0, order), slots)
-        if n_entries > 1 and bool((in_order[1:] >= in_order[:-1]).all()):
+        if ascending:
             by_segment = None
         else:
-            by_segment = torch.sort(in_order, stable=True).indices
+            in_order = _narrow(seg, slots).index_select(0, order)
+            by_segment = None if _ascending(in_order) else torch.sort(in_order, stable=True).indices
+            del in_order
     else:
         rank = torch.empty_like(order)
         rank.index_copy_(0, order, torch.arange(order.numel(), device=order.device))
         key = seg * order.numel() + rank.index_select(0, pix)
         by_segment = torch.sort(key, stable=True).indices
+        del rank, key
     start = torch.cumsum(entries_per_slot, 0) - entries_per_slot  # dummies take their place too
     nonempty = count > 0
     median_pos = (start + torch.div(count - 1, 2, rounding_mode="floor")).clamp(0, max(n_entries - 1, 0))
@@ -175,21 +217,19 @@ def segment_stats(x: Tensor, order: Tensor, segments: Segments) -> SegmentStats:
         pos = median_pos if by_segment is None else by_segment.index_select(0, median_pos)
         median_pixel = (order if pix is None else pix).index_select(0, pos)
         median_pixel = median_pixel * nonempty
+    del by_segment
     shift = x.index_select(0, median_pixel) * nonempty.to(x.dtype)
     centered = (x if pix is None else x.index_select(0, pix)) - shift.index_select(0, seg)
-    abs_dev = torch.zeros(slots, dtype=x.dtype, device=x.device).scatter_add(0, seg, centered.abs())
+    abs_dev = x.new_zeros(slots).scatter_add(0, seg, centered.abs())
     scale = abs_dev / (count + 1).to(x.dtype)
     inv_scale = torch.where(segments.dummy, 0.0, 1.0 / (scale + EPS))
-    return SegmentStats(shift, inv_scale, median_pixel, count)
+    return SegmentStats(shift, inv_scale, median_pixel, count), centered
 
 
-def normalize_entries(x: Tensor, stats: SegmentStats, segments: Segments) -> tuple[Tensor, Tensor]:
-    """``(x - t)`` and ``(x - t) / (s + eps)`` for every entry of a level, ``(M,)`` each;
-    entries in no context get 0."""
-    seg = segments.seg
+def center_entries(x: Tensor, stats: SegmentStats, segments: Segments) -> Tensor:
+    """``x - t`` for every entry of a level, ``(M,)``."""
     x_entries = x if segments.pix is None else x.index_select(0, segments.pix)
-    centered = x_entries - stats.shift.index_select(0, seg)
-    return centered, centered * stats.inv_scale.index_select(0, seg)
+    return x_entries - stats.shift.index_select(0, segments.seg)
 
 
 def _accumulate(acc: Tensor, values: Tensor, pix: Tensor | None) -> None:
@@ -199,36 +239,46 @@ def _accumulate(acc: Tensor, values: Tensor, pix: Tensor | None) -> None:
         acc.index_add_(0, pix, values)
 
 
+def _segment_sum(seg: Tensor, values: Tensor, slots: int) -> Tensor:
+    return values.new_zeros(slots).scatter_add_(0, seg, values)
+
+
+def segment_counts(seg: Tensor, slots: int) -> Tensor:
+    """Entries per segment, ``(slots,)`` int64 (``bincount`` without its min/max pass)."""
+    return torch.zeros(slots, dtype=torch.int64, device=seg.device).scatter_add_(
+        0, seg, torch.ones((), dtype=torch.int64, device=seg.device).expand(seg.numel())
+    )
+
+
 def _normalization_backward(
-    grad_hat: Tensor,
+    r: Tensor,
     centered: Tensor,
-    x_hat: Tensor,
     stats: SegmentStats,
     segments: Segments,
     grad_x: Tensor,
     through_median: bool,
 ) -> None:
-    """Add to ``grad_x`` the gradient of ``sum(grad_hat * x_hat)`` w.r.t. ``x``.
+    """Add to ``grad_x`` the gradient of ``sum(r * x_hat)`` w.r.t. ``x``.
 
     With ``d = s + eps``, ``x_hat_i = (x_i - t) / d`` and ``s = sum_j |x_j - t| / (n + 1)``:
-    ``dL/dx_i = grad_hat_i / d + dL/ds * sign(x_i - t) / (n + 1)`` directly,
-    ``dL/ds = -sum_i grad_hat_i x_hat_i / d`` and
-    ``dL/dt = -sum_i grad_hat_i / d - dL/ds * sum_i sign(x_i - t) / (n + 1)``, which goes to
+    ``dL/dx_i = r_i / d + dL/ds * sign(x_i - t) / (n + 1)`` directly,
+    ``dL/ds = -sum_i r_i x_hat_i / d`` and
+    ``dL/dt = -sum_i r_i / d - dL/ds * sum_i sign(x_i - t) / (n + 1)``, which goes to
     the median pixel (unless the median is detached).
     """
     seg, slots = segments.seg, segments.num_slots
-    zeros = grad_hat.new_zeros(slots)
     inv = stats.inv_scale
-    sum_gx = zeros.scatter_add(0, seg, grad_hat * x_hat)
+    n1 = (stats.count + 1).to(r.dtype)
+    # sum_i r_i x_hat_i / d = inv**2 * sum_i r_i (x_i - t)
+    d_scale_per_n = -_segment_sum(seg, r * centered, slots) * inv * inv / n1  # 0 at dummies
     sign = torch.sign(centered)
-    n1 = (stats.count + 1).to(grad_hat.dtype)
-    d_scale_per_n = -sum_gx * inv / n1  # 0 at dummies (inv = 0)
-    per_entry = grad_hat * inv.index_select(0, seg) + d_scale_per_n.index_select(0, seg) * sign
+    per_entry = r * inv.index_select(0, seg)
+    per_entry += d_scale_per_n.index_select(0, seg) * sign
     _accumulate(grad_x, per_entry, segments.pix)
     if through_median:
-        sum_g = zeros.scatter_add(0, seg, grad_hat)
-        sum_sign = zeros.scatter_add(0, seg, sign)
-        d_shift = (-sum_g * inv - d_scale_per_n * sum_sign) * (stats.count > 0)
+        sum_r = _segment_sum(seg, r, slots)
+        sum_sign = _segment_sum(seg, sign, slots)
+        d_shift = (-sum_r * inv - d_scale_per_n * sum_sign) * (stats.count > 0)
         grad_x.index_add_(0, stats.median_pixel, d_shift)
 
 
@@ -249,66 +299,78 @@ class HierarchicalSSI(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pred: Tensor, target: Tensor, valid: Tensor, contexts) -> Tensor:  # type: ignore[override]
-        B, H, W = contexts.shape
+        B = contexts.shape[0]
         zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
         p = torch.where(valid, pred, zero)
         g = torch.where(valid, target, zero)
-        image_of = torch.arange(B, device=p.device).repeat_interleave(H * W)
-        order_p = value_order(p, image_of, valid)
-        order_g = value_order(g, image_of, valid)
+        order_p = value_order(p, valid, B, image_major=False)
+        # Contexts built from the target may carry its value order (same valid pixels).
+        order_g = getattr(contexts, "target_order", None)
+        target_sorted = order_g is not None and torch.equal(valid, contexts.valid.reshape(-1))
+        if not target_sorted:
+            order_g = value_order(g, valid, B)
+        # levels whose ids ascend along the target's order need no sort for its medians
+        target_sorted = target_sorted and getattr(contexts, "sorted_by_target_order", False)
         pooled = contexts.aggregation == "pooled"
         loss_sum = torch.zeros_like(p)
         in_contexts = torch.zeros_like(p)
-        saved_stats = []
+        saved = []
         pooled_total = zero.clone()
         n_pairs = 0
         for level_index in range(contexts.num_levels):
-            segments = resolve_level(contexts.level(level_index), valid, image_of, H * W)
-            sp = segment_stats(p, order_p, segments)
-            sg = segment_stats(g, order_g, segments)
-            entry_loss = (normalize_entries(p, sp, segments)[1] - normalize_entries(g, sg, segments)[1]).abs_()
+            segments = resolve_level(contexts.level(level_index), valid, B)
+            entries_per_slot = segment_counts(segments.seg, segments.num_slots)
+            sp, p_hat = segment_stats(p, order_p, segments, entries_per_slot)
+            sg, g_hat = segment_stats(g, order_g, segments, entries_per_slot, ascending=target_sorted)
+            inv_scales = torch.stack([sp.inv_scale, sg.inv_scale], dim=1).index_select(0, segments.seg)
+            diff = p_hat.mul_(inv_scales[:, 0]).sub_(g_hat.mul_(inv_scales[:, 1]))
+            del inv_scales
+            del g_hat
+            saved.append((sp, sg, torch.sign(diff).to(torch.int8)))
+            entry_loss = diff.abs_()  # 0 outside contexts, where both are 0
             if pooled:
                 pooled_total = pooled_total + entry_loss.sum()
                 n_pairs += int(sp.count.sum())
             else:
                 _accumulate(loss_sum, entry_loss, segments.pix)
-                _accumulate(in_contexts, (~segments.dummy).to(p.dtype).index_select(0, segments.seg), segments.pix)
-            saved_stats.append((sp, sg))
+                _accumulate(in_contexts, segments.member.to(p.dtype), segments.pix)
+            del entry_loss, diff, segments
+        del order_p, order_g
         n_valid = int(valid.sum())
         if pooled:
             loss = pooled_total / n_pairs if n_pairs else zero
             weight = torch.full_like(p, 1.0 / n_pairs) if n_pairs else torch.zeros_like(p)
         else:
             in_contexts.clamp_(min=1)
-            loss = (loss_sum / in_contexts).sum() / n_valid if n_valid else zero
+            loss = loss_sum.div_(in_contexts).sum() / n_valid if n_valid else zero
             weight = in_contexts.reciprocal_().mul_(1.0 / n_valid) if n_valid else torch.zeros_like(p)
+        del loss_sum
         ctx.contexts = contexts
-        ctx.saved_stats = saved_stats
-        ctx.save_for_backward(p, g, valid, weight, image_of)
+        ctx.saved = saved
+        ctx.save_for_backward(p, g, valid, weight)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        p, g, valid, weight, image_of = ctx.saved_tensors
+        p, g, valid, weight = ctx.saved_tensors
         contexts = ctx.contexts
-        B, H, W = contexts.shape
+        B = contexts.shape[0]
         need_p, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_p = torch.zeros_like(p) if need_p else None
         grad_g = torch.zeros_like(g) if need_g else None
         if need_p or need_g:
             scaled_weight = weight * grad_output
-            for level_index, (sp, sg) in enumerate(ctx.saved_stats):
-                segments = resolve_level(contexts.level(level_index), valid, image_of, H * W)
-                p_centered, p_hat = normalize_entries(p, sp, segments)
-                g_centered, g_hat = normalize_entries(g, sg, segments)
+            for level_index, (sp, sg, diff_sign) in enumerate(ctx.saved):
+                segments = resolve_level(contexts.level(level_index), valid, B)
                 w = scaled_weight if segments.pix is None else scaled_weight.index_select(0, segments.pix)
-                r = w * torch.sign(p_hat - g_hat)  # 0 outside contexts, where both are 0
+                r = w * diff_sign  # d loss / d p_hat; 0 outside contexts
                 if need_p:
+                    centered = center_entries(p, sp, segments)
                     _normalization_backward(
-                        r, p_centered, p_hat, sp, segments, grad_p,
-                        through_median=not contexts.detach_pred_median,
+                        r, centered, sp, segments, grad_p, through_median=not contexts.detach_pred_median
                     )
                 if need_g:
-                    _normalization_backward(-r, g_centered, g_hat, sg, segments, grad_g, through_median=True)
-        ctx.saved_stats = None
+                    centered = center_entries(g, sg, segments)
+                    _normalization_backward(-r, centered, sg, segments, grad_g, through_median=True)
+        ctx.saved = None
         return grad_p, grad_g, None, None

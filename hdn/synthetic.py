@@ -51,16 +51,16 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "SPLIT_FIELDS",
     "Scene",
+    "arrays_sha256",
+    "decode_split",
+    "encode_split",
+    "file_sha256",
+    "load_split",
     "make_scene",
     "make_split",
     "save_split",
-    "load_split",
-    "encode_split",
-    "decode_split",
-    "arrays_sha256",
-    "file_sha256",
-    "SPLIT_FIELDS",
 ]
 
 #: Arrays of one split as returned by :func:`make_split` and :func:`load_split`.
@@ -116,29 +116,41 @@ def _value_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nda
     return top * (1 - fy) + bottom * fy
 
 
-def _box(rng, u, v, f, W, H):
-    """A tilted box face with 2-4 steps of 2-15 cm."""
-    uc, vc = rng.uniform(0.15, 0.85) * W, rng.uniform(0.35, 0.85) * H
-    hw, hh = rng.uniform(0.08, 0.22) * W, rng.uniform(0.08, 0.22) * H
+def _place(rng: np.random.Generator, W: int, H: int) -> tuple[float, float, float]:
+    """Distance ``z0`` (1-3 m) and image centre of a near object.
+
+    Nearer objects sit lower in the image, as things standing on a ground plane do (the
+    elevation cue); their size in pixels is their size in metres times ``f / z0``.
+    """
     z0 = rng.uniform(1.0, 3.0)
+    uc = rng.uniform(0.1, 0.9) * W
+    vc = (0.8 - 0.15 * (z0 - 1) + rng.uniform(-0.08, 0.08)) * H
+    return z0, uc, vc
+
+
+def _box(rng, u, v, f, W, H):
+    """A tilted box face, 30-80 cm wide, with 2-4 steps of 2-15 cm."""
+    z0, uc, vc = _place(rng, W, H)
+    hw, hh = rng.uniform(0.15, 0.4) * f / z0, rng.uniform(0.15, 0.35) * f / z0
     inside = (np.abs(u - uc) < hw) & (np.abs(v - vc) < hh)
-    # the face is tilted by up to +-40 cm across, so that its shading varies
-    z = z0 + rng.uniform(-0.4, 0.4) * (u - uc) / hw + rng.uniform(-0.4, 0.4) * (v - vc) / hh
+    # the face is tilted by up to +-20 cm across, so that its shading varies
+    z = z0 + rng.uniform(-0.2, 0.2) * (u - uc) / hw + rng.uniform(-0.2, 0.2) * (v - vc) / hh
     n_steps = int(rng.integers(2, 5))
     along = (u - uc + hw) / (2 * hw) if rng.random() < 0.5 else (v - vc + hh) / (2 * hh)
     index = np.clip((along * n_steps).astype(np.int64), 0, n_steps - 1)
-    heights = np.concatenate([[0.0], np.cumsum(rng.choice([-1, 1], n_steps - 1) * rng.uniform(0.02, 0.15, n_steps - 1))])
+    heights = np.concatenate(
+        [[0.0], np.cumsum(rng.choice([-1, 1], n_steps - 1) * rng.uniform(0.02, 0.15, n_steps - 1))]
+    )
     return inside, z + heights[index], (uc, vc, z0)
 
 
 def _dome(rng, u, v, f, W, H):
-    """A (flattened) sphere with 3-8 Gaussian bumps of 1-8 cm."""
-    uc, vc = rng.uniform(0.15, 0.85) * W, rng.uniform(0.35, 0.85) * H
-    r = rng.uniform(0.1, 0.22) * W
-    z0 = rng.uniform(1.2, 3.0)
+    """A (flattened) sphere of 15-35 cm radius with 3-8 Gaussian bumps of 1-8 cm."""
+    z0, uc, vc = _place(rng, W, H)
+    radius_m = rng.uniform(0.15, 0.35)
+    r = radius_m * f / z0
     rho2 = ((u - uc) ** 2 + (v - vc) ** 2) / r**2
     inside = rho2 < 1
-    radius_m = r * z0 / f
     z = z0 - rng.uniform(0.4, 1.0) * radius_m * np.sqrt(np.clip(1 - rho2, 0, None))
     for _ in range(int(rng.integers(3, 9))):
         bu, bv = uc + rng.uniform(-0.7, 0.7) * r, vc + rng.uniform(-0.7, 0.7) * r
@@ -149,14 +161,13 @@ def _dome(rng, u, v, f, W, H):
 
 
 def _panel(rng, u, v, f, W, H):
-    """A slanted panel with a sinusoidal corrugation of 1-5 cm and a raised frame."""
-    uc, vc = rng.uniform(0.15, 0.85) * W, rng.uniform(0.3, 0.85) * H
-    hw, hh = rng.uniform(0.12, 0.3) * W, rng.uniform(0.08, 0.2) * H
-    z0 = rng.uniform(1.0, 3.0)
+    """A slanted panel, 50-100 cm wide, with a corrugation of 1-5 cm and a raised frame."""
+    z0, uc, vc = _place(rng, W, H)
+    hw, hh = rng.uniform(0.25, 0.5) * f / z0, rng.uniform(0.15, 0.3) * f / z0
     inside = (np.abs(u - uc) < hw) & (np.abs(v - vc) < hh)
-    z = z0 + rng.uniform(-0.6, 0.6) * (u - uc) / hw
+    z = z0 + rng.uniform(-0.3, 0.3) * (u - uc) / hw
     angle = rng.uniform(0, np.pi)
-    period_px = rng.uniform(3.0, 8.0) * W / 64
+    period_px = rng.uniform(0.06, 0.12) * f / z0
     phase = (np.cos(angle) * (u - uc) + np.sin(angle) * (v - vc)) / period_px
     z = z + rng.uniform(0.01, 0.05) * np.sin(2 * np.pi * phase)
     border = max(1.0, 0.12 * min(hw, hh))
@@ -166,24 +177,27 @@ def _panel(rng, u, v, f, W, H):
 
 
 def _poles(rng, u, v, f, W, H):
-    """1-4 thin cylinders (poles, fence bars) 1-2.5 pixels wide."""
+    """1-4 thin cylinders (poles, fence bars) 2-5 cm thick, 8-20 cm apart."""
     inside = np.zeros(u.shape, dtype=bool)
     z = np.full(u.shape, np.inf)
-    z0 = rng.uniform(1.0, 3.0)
-    base_u = rng.uniform(0.1, 0.9) * W
-    spacing = rng.uniform(0.04, 0.1) * W
-    top, bottom = rng.uniform(0.05, 0.5) * H, rng.uniform(0.7, 1.0) * H
+    z0, base_u, vc = _place(rng, W, H)
+    spacing = rng.uniform(0.08, 0.2) * f / z0
+    top, bottom = vc - rng.uniform(0.4, 1.0) * f / z0, vc + rng.uniform(0.1, 0.4) * f / z0
     lean = rng.uniform(-0.25, 0.25)
     for k in range(int(rng.integers(1, 5))):
-        half = rng.uniform(0.5, 1.25) * W / 64
+        half = max(0.5, rng.uniform(0.01, 0.025) * f / z0)
         centre = base_u + k * spacing + lean * (v - bottom)
         dist = np.abs(u - centre)
         on = (dist < half) & (v > top) & (v < bottom)
-        zk = z0 + rng.uniform(-0.1, 0.1) - (half * z0 / f) * np.sqrt(np.clip(1 - (dist / half) ** 2, 0, None))
+        zk = (
+            z0
+            + rng.uniform(-0.1, 0.1)
+            - (half * z0 / f) * np.sqrt(np.clip(1 - (dist / half) ** 2, 0, None))
+        )
         closer = on & (zk < z)
         inside |= closer
         z = np.where(closer, zk, z)
-    return inside, z, (base_u, (top + bottom) / 2, z0)
+    return inside, z, (base_u, vc, z0)
 
 
 _OBJECTS = (_box, _dome, _panel, _poles)
@@ -217,7 +231,9 @@ def _surface_normals(points: np.ndarray, depth: np.ndarray) -> np.ndarray:
     return np.where(normal[2:3] > 0, -normal, normal)  # the camera looks along +z
 
 
-def _render(seed: tuple[int, ...], height: int, width: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+def _render(
+    seed: tuple[int, ...], height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Draw one scene: RGB as uint8 ``(3, H, W)``, depth as uint16 mm ``(H, W)`` (0 = invalid), scale, shift."""
     rng = np.random.Generator(np.random.PCG64(list(seed)))
     H, W = height, width
@@ -266,7 +282,7 @@ def _render(seed: tuple[int, ...], height: int, width: int) -> tuple[np.ndarray,
     texture = 1 + 0.25 * _value_noise(rng, H, W, 8)  # background: mottled
     for k, (cu, cv, cz) in enumerate(centres):
         X, Y = (points[0] - (cu - (W - 1) / 2) / f * cz), (points[1] - (cv - (H - 1) / 2) / f * cz)
-        period = rng.uniform(0.04, 0.15)
+        period = rng.uniform(0.08, 0.12)  # in metres: finer in the image when farther
         style = int(rng.integers(0, 3))
         if style == 0:  # checker
             pattern = np.sign(np.sin(2 * np.pi * X / period) * np.sin(2 * np.pi * Y / period))
@@ -283,11 +299,15 @@ def _render(seed: tuple[int, ...], height: int, width: int) -> tuple[np.ndarray,
     light /= np.linalg.norm(light)
     ambient = rng.uniform(0.2, 0.4)
     shade = ambient + (1 - ambient) * np.clip(np.tensordot(light, normal, axes=1), 0, 1)
-    airlight = rng.uniform(0.65, 0.95) * np.array([1.0, rng.uniform(1.0, 1.05), rng.uniform(1.03, 1.15)])
+    airlight = rng.uniform(0.65, 0.95) * np.array(
+        [1.0, rng.uniform(1.0, 1.05), rng.uniform(1.03, 1.15)]
+    )
     beta = rng.uniform(0.015, 0.04)
     transmission = np.exp(-beta * finite)
     rgb = albedo * shade * transmission + airlight[:, None, None] * (1 - transmission)
-    sky_rgb = airlight[:, None, None] * (1 - 0.3 * np.clip((skyline[None, :] - v) / H, 0, 1)) + 0.03 * _value_noise(rng, H, W, 4)
+    sky_rgb = airlight[:, None, None] * (
+        1 - 0.3 * np.clip((skyline[None, :] - v) / H, 0, 1)
+    ) + 0.03 * _value_noise(rng, H, W, 4)
     rgb = np.where((label == 0)[None], sky_rgb, rgb)
     rgb = np.clip(rgb + 0.005 * rng.standard_normal(rgb.shape), 0, 1)
 
@@ -304,7 +324,9 @@ def _render(seed: tuple[int, ...], height: int, width: int) -> tuple[np.ndarray,
     valid &= ~(edge & (rng.random((H, W)) < 0.3))
 
     rgb_u8 = np.rint(rgb * 255).astype(np.uint8)
-    depth_mm = np.where(valid, np.rint(np.where(valid, depth, 0) / _DEPTH_STEP), 0).astype(np.uint16)
+    depth_mm = np.where(valid, np.rint(np.where(valid, depth, 0) / _DEPTH_STEP), 0).astype(
+        np.uint16
+    )
     # per-scene unknown affine map of the ground truth: gt = scale * depth + shift > 0
     scale = float(np.float32(np.exp(rng.uniform(np.log(0.2), np.log(5.0)))))
     shift = float(np.float32(scale * rng.uniform(-0.4, 3.0)))
@@ -315,7 +337,9 @@ def _decode(rgb_u8: np.ndarray, depth_mm: np.ndarray, scale: np.ndarray, shift: 
     """Stored integers -> float32 arrays. Broadcasts over leading batch dimensions."""
     rgb = rgb_u8.astype(np.float32) / np.float32(255)
     valid = depth_mm > 0
-    depth = np.where(valid, depth_mm.astype(np.float32) * np.float32(_DEPTH_STEP), np.float32(np.nan))
+    depth = np.where(
+        valid, depth_mm.astype(np.float32) * np.float32(_DEPTH_STEP), np.float32(np.nan)
+    )
     scale = np.asarray(scale, dtype=np.float32)[..., None, None]
     shift = np.asarray(shift, dtype=np.float32)[..., None, None]
     gt = (scale * depth + shift).astype(np.float32)
@@ -324,8 +348,12 @@ def _decode(rgb_u8: np.ndarray, depth_mm: np.ndarray, scale: np.ndarray, shift: 
 
 def _seed_tuple(seed: SeedLike) -> tuple[int, ...]:
     seeds = (seed,) if isinstance(seed, (int, np.integer)) else tuple(seed)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in seeds):
-        raise ValueError(f"Invalid seed: we expect a non-negative int or a sequence of them. Got: {seed!r}.")
+    if not seeds or any(
+        isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in seeds
+    ):
+        raise ValueError(
+            f"Invalid seed: we expect a non-negative int or a sequence of them. Got: {seed!r}."
+        )
     return tuple(int(s) for s in seeds)
 
 
@@ -358,7 +386,9 @@ def make_scene(seed: SeedLike, height: int = 64, width: int = 64) -> Scene:
     return Scene(rgb, depth, valid, gt, float(np.float32(scale)), float(np.float32(shift)), seeds)
 
 
-def make_split(n: int, seed: int, height: int = 64, width: int = 64, *, stream: int = 0) -> dict[str, np.ndarray]:
+def make_split(
+    n: int, seed: int, height: int = 64, width: int = 64, *, stream: int = 0
+) -> dict[str, np.ndarray]:
     """Draw ``n`` scenes with seeds ``(seed, stream, i)``, stacked into arrays.
 
     Args:
@@ -381,7 +411,15 @@ def make_split(n: int, seed: int, height: int = 64, width: int = 64, *, stream: 
     depth_mm = np.stack([r[1] for r in rendered]) if n else np.zeros((0, height, width), np.uint16)
     scale = np.array([r[2] for r in rendered], dtype=np.float32)
     shift = np.array([r[3] for r in rendered], dtype=np.float32)
-    return decode_split({"rgb_u8": rgb_u8, "depth_mm": depth_mm, "scale": scale, "shift": shift, "scene_seed": seeds})
+    return decode_split(
+        {
+            "rgb_u8": rgb_u8,
+            "depth_mm": depth_mm,
+            "scale": scale,
+            "shift": shift,
+            "scene_seed": seeds,
+        }
+    )
 
 
 # --------------------------------------------------------------------------- storage
@@ -410,13 +448,17 @@ def encode_split(split: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         for key in ("rgb", "depth", "valid", "gt")
     )
     if not same:
-        raise ValueError("Invalid split: its arrays are not the quantised ones that make_split draws.")
+        raise ValueError(
+            "Invalid split: its arrays are not the quantised ones that make_split draws."
+        )
     return stored
 
 
 def decode_split(stored: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Inverse of :func:`encode_split`: float32 ``rgb``, ``depth``, ``gt``, bool ``valid``, ..."""
-    rgb, depth, valid, gt = _decode(stored["rgb_u8"], stored["depth_mm"], stored["scale"], stored["shift"])
+    rgb, depth, valid, gt = _decode(
+        stored["rgb_u8"], stored["depth_mm"], stored["scale"], stored["shift"]
+    )
     return {
         "rgb": rgb,
         "depth": depth,
@@ -453,14 +495,18 @@ def save_split(path: str | Path, splits: Mapping[str, Mapping[str, np.ndarray]])
         :func:`arrays_sha256` of the stored arrays (equal to :func:`file_sha256` of ``path``).
     """
     stored = {
-        f"{split}_{key}": value for split, arrays in splits.items() for key, value in encode_split(arrays).items()
+        f"{split}_{key}": value
+        for split, arrays in splits.items()
+        for key, value in encode_split(arrays).items()
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name in sorted(stored):
             buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, np.ascontiguousarray(stored[name]), allow_pickle=False)
+            np.lib.format.write_array(
+                buffer, np.ascontiguousarray(stored[name]), allow_pickle=False
+            )
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
@@ -487,7 +533,12 @@ def load_split(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """
     stored = _read_stored(path)
     names = sorted({key.split("_", 1)[0] for key in stored})
-    return {split: decode_split({k[len(split) + 1 :]: v for k, v in stored.items() if k.startswith(split + "_")}) for split in names}
+    return {
+        split: decode_split(
+            {k[len(split) + 1 :]: v for k, v in stored.items() if k.startswith(split + "_")}
+        )
+        for split in names
+    }
 
 
 # --------------------------------------------------------------------------- CLI
@@ -495,12 +546,16 @@ def load_split(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
 
 def main(argv: Sequence[str] | None = None) -> str:
     """``python -m hdn.synthetic --out data/toy_rgbd.npz --train 256 --test 64 --size 64 --seed 0``."""
-    parser = argparse.ArgumentParser(prog="python -m hdn.synthetic", description="Write a synthetic RGB-D train/test split.")
+    parser = argparse.ArgumentParser(
+        prog="python -m hdn.synthetic", description="Write a synthetic RGB-D train/test split."
+    )
     parser.add_argument("--out", required=True, help="output .npz path")
     parser.add_argument("--train", type=int, default=256, help="number of training scenes")
     parser.add_argument("--test", type=int, default=64, help="number of test scenes")
     parser.add_argument("--size", type=int, default=64, help="image height and width")
-    parser.add_argument("--seed", type=int, default=0, help="base seed (train: stream 0, test: stream 1)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="base seed (train: stream 0, test: stream 1)"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     splits = {

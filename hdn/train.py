@@ -48,10 +48,10 @@ __all__ = [
     "LOSS_NAMES",
     "TrainConfig",
     "TrainResult",
+    "main",
     "make_loss",
     "predict",
     "train",
-    "main",
 ]
 
 #: Loss names accepted by :func:`make_loss` and ``--loss``.
@@ -100,20 +100,35 @@ def make_loss(name: str, levels: int = 3) -> LossFn:
         raise ValueError(f"Invalid levels: we expect an int >= 1. Got: {levels!r}.")
     if name == "ssi":
 
-        def loss(pred: Tensor, target: Tensor, mask: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
+        def loss(
+            pred: Tensor,
+            target: Tensor,
+            mask: Tensor | None,
+            generator: torch.Generator | None = None,
+        ) -> Tensor:
             return ssi_loss(pred, target, mask)
 
     elif name in ("hdn-dr", "hdn-dp", "hdn-ds"):
         context = name[-2:]
 
-        def loss(pred: Tensor, target: Tensor, mask: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
+        def loss(
+            pred: Tensor,
+            target: Tensor,
+            mask: Tensor | None,
+            generator: torch.Generator | None = None,
+        ) -> Tensor:
             return hdn_loss(pred, target, mask, context=context, levels=levels)
 
     elif name in ("hdn-rdi", "hdn-rc"):
         sample = _contexts.random_depth_intervals if name == "hdn-rdi" else _contexts.random_crops
         num = 2**levels - 2
 
-        def loss(pred: Tensor, target: Tensor, mask: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
+        def loss(
+            pred: Tensor,
+            target: Tensor,
+            mask: Tensor | None,
+            generator: torch.Generator | None = None,
+        ) -> Tensor:
             contexts = sample(target, mask, num=num, generator=generator)
             return hdn_loss(pred, target, mask, context=contexts)
 
@@ -176,9 +191,14 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Invalid {name}: we expect an int >= {low}. Got: {value!r}.")
         if self.crop is not None and (
-            isinstance(self.crop, bool) or not isinstance(self.crop, int) or self.crop < 1 or self.crop % 2**self.depth
+            isinstance(self.crop, bool)
+            or not isinstance(self.crop, int)
+            or self.crop < 1
+            or self.crop % 2**self.depth
         ):
-            raise ValueError(f"Invalid crop: we expect None or a positive multiple of 2**depth. Got: {self.crop!r}.")
+            raise ValueError(
+                f"Invalid crop: we expect None or a positive multiple of 2**depth. Got: {self.crop!r}."
+            )
         if not self.lr > 0 or self.grad_matching < 0 or self.weight_decay < 0:
             raise ValueError(
                 f"Invalid lr/grad_matching/weight_decay: we expect lr > 0 and the others >= 0. "
@@ -251,19 +271,25 @@ def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
     return torch.cat(chunks)
 
 
-def _draw_batch(train: Mapping[str, Tensor], step: int, config: TrainConfig, generator: torch.Generator):
+def _draw_batch(
+    train: Mapping[str, Tensor], step: int, config: TrainConfig, generator: torch.Generator
+):
     n = train["rgb"].shape[0]
     index = _batch_indices(step, n, config.batch_size, config.seed).to(train["rgb"].device)
     rgb, gt, valid = train["rgb"][index], train["gt"][index], train["valid"][index]
     H, W = rgb.shape[-2:]
     if config.crop is not None:
         if config.crop > min(H, W):
-            raise ValueError(f"Invalid crop: we expect at most the image size {H} x {W}. Got: {config.crop}.")
+            raise ValueError(
+                f"Invalid crop: we expect at most the image size {H} x {W}. Got: {config.crop}."
+            )
         c = config.crop
         tops = torch.randint(0, H - c + 1, (len(index),), generator=generator).tolist()
         lefts = torch.randint(0, W - c + 1, (len(index),), generator=generator).tolist()
         rgb, gt, valid = (
-            torch.stack([x[i, :, t : t + c, s : s + c] for i, (t, s) in enumerate(zip(tops, lefts))])
+            torch.stack(
+                [x[i, :, t : t + c, s : s + c] for i, (t, s) in enumerate(zip(tops, lefts))]
+            )
             for x in (rgb, gt, valid)
         )
     if config.hflip:
@@ -282,12 +308,17 @@ def predict(model: nn.Module, rgb: Tensor | np.ndarray, batch_size: int = 32) ->
     model.eval()
     device = next(model.parameters()).device
     rgb = torch.as_tensor(rgb, dtype=torch.float32)
-    out = [model(rgb[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(rgb), batch_size)]
+    out = [
+        model(rgb[i : i + batch_size].to(device)).float().cpu()
+        for i in range(0, len(rgb), batch_size)
+    ]
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 1, *rgb.shape[-2:])
 
 
-def _evaluate(model: nn.Module, test: Mapping[str, Tensor], near_fraction: float) -> dict[str, float]:
+def _evaluate(
+    model: nn.Module, test: Mapping[str, Tensor], near_fraction: float
+) -> dict[str, float]:
     pred = predict(model, test["rgb"])
     depth, valid = test["depth"].cpu(), test["valid"].cpu()
     metrics = zero_shot_metrics(pred, depth, valid, space="depth")
@@ -317,9 +348,17 @@ def _save_checkpoint(path: Path, model, optimizer, step, config, history, train_
 
 def _check_resumable(saved: Mapping[str, object], config: TrainConfig) -> None:
     current = asdict(config)
-    changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in _RESUME_KEYS if saved.get(k) != current[k]]
+    changed = [
+        f"{k}: {saved.get(k)!r} -> {current[k]!r}"
+        for k in _RESUME_KEYS
+        if saved.get(k) != current[k]
+    ]
     if changed:
-        raise ValueError("Invalid resume: the checkpoint was trained with other options (" + "; ".join(changed) + ").")
+        raise ValueError(
+            "Invalid resume: the checkpoint was trained with other options ("
+            + "; ".join(changed)
+            + ")."
+        )
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -335,7 +374,8 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def train(
-    config: TrainConfig, data: Mapping[str, Mapping[str, np.ndarray]] | str | os.PathLike | None = None,
+    config: TrainConfig,
+    data: Mapping[str, Mapping[str, np.ndarray]] | str | os.PathLike | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train a :class:`hdn.models.UNet` with ``config.loss`` and evaluate it on the test split.
@@ -380,8 +420,12 @@ def train(
     try:
         with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG alone
             torch.manual_seed(config.seed)
-            model = UNet(in_channels=train_set["rgb"].shape[1], base=config.base, depth=config.depth).to(device)
-            optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+            model = UNet(
+                in_channels=train_set["rgb"].shape[1], base=config.base, depth=config.depth
+            ).to(device)
+            optimizer = torch.optim.Adam(
+                model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            )
             loss_fn = make_loss(config.loss, config.levels)
             step, history, train_seconds = 0, [], 0.0
             if config.resume and checkpoint is not None and checkpoint.exists():
@@ -393,7 +437,16 @@ def train(
                 train_seconds = float(state["train_seconds"])
                 torch.set_rng_state(state["rng_state"])
             history, train_seconds = _run_steps(
-                model, optimizer, loss_fn, train_set, config, step, history, train_seconds, checkpoint, progress
+                model,
+                optimizer,
+                loss_fn,
+                train_set,
+                config,
+                step,
+                history,
+                train_seconds,
+                checkpoint,
+                progress,
             )
         model.eval()
         metrics: dict[str, float] = {}
@@ -401,7 +454,10 @@ def train(
             metrics.update(_evaluate(model, test_set, config.near_fraction))
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2], previous[3]
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = (
+            previous[2],
+            previous[3],
+        )
 
     tail = history[-10:]
     metrics["train_loss"] = float(np.mean(tail)) if tail else math.nan
@@ -412,13 +468,19 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         report = {**metrics, "device": str(device), "config": asdict(config)}
         (out_dir / METRICS_NAME).write_text(json.dumps(report, indent=2) + "\n")
-    return TrainResult(model=model, history=history, metrics=metrics, config=config, out_dir=out_dir)
+    return TrainResult(
+        model=model, history=history, metrics=metrics, config=config, out_dir=out_dir
+    )
 
 
-def _run_steps(model, optimizer, loss_fn, train_set, config, step, history, train_seconds, checkpoint, progress):
+def _run_steps(
+    model, optimizer, loss_fn, train_set, config, step, history, train_seconds, checkpoint, progress
+):
     """The optimisation loop from ``step`` to ``config.steps``; saves checkpoints on the way."""
     model.train()
-    bar = tqdm(total=config.steps, initial=min(step, config.steps), desc=config.loss, disable=not progress)
+    bar = tqdm(
+        total=config.steps, initial=min(step, config.steps), desc=config.loss, disable=not progress
+    )
     start = time.perf_counter()
     try:
         while step < config.steps:
@@ -427,7 +489,9 @@ def _run_steps(model, optimizer, loss_fn, train_set, config, step, history, trai
             pred = model(rgb)
             loss = loss_fn(pred, gt, valid, generator=generator)
             if config.grad_matching > 0:
-                loss = loss + config.grad_matching * gradient_matching_loss(pred, gt, valid, scales=4)
+                loss = loss + config.grad_matching * gradient_matching_loss(
+                    pred, gt, valid, scales=4
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -451,7 +515,9 @@ def _run_steps(model, optimizer, loss_fn, train_set, config, step, history, trai
 
 def _parser() -> argparse.ArgumentParser:
     defaults = {f.name: f.default for f in fields(TrainConfig)}
-    p = argparse.ArgumentParser(prog="python -m hdn.train", description="Train the small U-Net with an SSI/HDN loss.")
+    p = argparse.ArgumentParser(
+        prog="python -m hdn.train", description="Train the small U-Net with an SSI/HDN loss."
+    )
     p.add_argument("--loss", choices=LOSS_NAMES, default=defaults["loss"])
     p.add_argument("--levels", type=int, default=defaults["levels"])
     p.add_argument("--steps", type=int, default=defaults["steps"])
@@ -459,13 +525,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=defaults["lr"])
     p.add_argument("--weight-decay", type=float, default=defaults["weight_decay"])
     p.add_argument("--seed", type=int, default=defaults["seed"])
-    p.add_argument("--grad-matching", type=float, default=defaults["grad_matching"], metavar="WEIGHT")
+    p.add_argument(
+        "--grad-matching", type=float, default=defaults["grad_matching"], metavar="WEIGHT"
+    )
     p.add_argument("--crop", type=int, default=None, help="train on random crops of this size")
     p.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
     p.add_argument("--base", type=int, default=defaults["base"], help="U-Net width")
     p.add_argument("--depth", type=int, default=defaults["depth"], help="U-Net depth")
     p.add_argument("--device", default=defaults["device"], help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--data", default=None, help="split file (default: the committed data/toy_rgbd.npz)")
+    p.add_argument(
+        "--data", default=None, help="split file (default: the committed data/toy_rgbd.npz)"
+    )
     p.add_argument("--out", default=None, help="output folder for checkpoint.pt and metrics.json")
     p.add_argument("--checkpoint-every", type=int, default=defaults["checkpoint_every"])
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

@@ -1,0 +1,623 @@
+r"""Gradient analysis: what each loss teaches every pixel (notebook 04).
+
+Helpers to look at :math:`\partial \mathcal L / \partial p`, the gradient a loss sends to
+each pixel of a prediction map ``p``:
+
+* :func:`loss_gradient`: the gradient map of any loss, by autograd.
+* :func:`ssi_gradient_parts`: the image-level SSI gradient written out by hand, split into
+  its sign, scale and median terms (they sum to autograd's gradient).
+* :func:`ssi_loss_count_n`: an *analysis-only* SSI variant whose scale divides by ``n``
+  instead of the released ``n + 1``; it is not the loss that :mod:`hdn` trains with.
+* :func:`make_loss`: SSI or HDN-DR/DP/DS by name, optionally with the prediction's median
+  detached (the follow-up work's variant).
+* :func:`gradient_mass_by_region`, :func:`depth_bins`, :func:`detail_regions`: where the
+  gradient goes (near/far, fine/smooth).
+* :func:`descend`, :func:`aligned_error`, :func:`aligned_error_map`, :class:`DescentExplorer`:
+  gradient descent on the map itself (no network) and a widget to step through it.
+
+All maps are ``(B, H, W)``; inputs may also be ``(B, 1, H, W)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import contexts as _contexts
+from ._validation import _as_bhw, check_depth_inputs, check_levels, stats_dtype
+from .data import blurred
+from .losses import contexts_loss
+from .segments import EPS
+
+__all__ = [
+    "LOSS_NAMES",
+    "DescentExplorer",
+    "LossFn",
+    "SSIGradientParts",
+    "aligned_error",
+    "aligned_error_map",
+    "depth_bins",
+    "descend",
+    "detail_regions",
+    "gradient_mass_by_region",
+    "loss_gradient",
+    "make_loss",
+    "smooth_within",
+    "ssi_gradient_parts",
+    "ssi_loss_count_n",
+]
+
+LossFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+"""A loss ``loss_fn(pred, target, mask) -> scalar``, as :func:`hdn.ssi_loss`."""
+
+LOSS_NAMES = ("ssi", "dr", "dp", "ds")
+"""Names understood by :func:`make_loss`: image-level SSI and HDN-DR / DP / DS."""
+
+
+def loss_gradient(loss_fn: LossFn, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The gradient of a loss with respect to every pixel of the prediction.
+
+    .. math:: G_i = \\frac{\\partial \\mathcal L(p, g)}{\\partial p_i}
+
+    Args:
+        loss_fn: ``loss_fn(pred, target, mask) -> scalar``.
+        pred: ``(B, 1, H, W)`` or ``(B, H, W)`` prediction (not modified, gradient not kept).
+        target: same shape.
+        mask: optional bool mask.
+
+    Returns:
+        ``(B, H, W)`` gradient map, dtype of ``pred`` (zeros if the loss ignores ``pred``).
+
+    Examples:
+        >>> import hdn
+        >>> g = torch.tensor([[[1.0, 2.0, 4.0]]])
+        >>> loss_gradient(hdn.ssi_loss, g.flip(-1), g).shape
+        torch.Size([1, 1, 3])
+    """
+    p = pred.detach().clone().requires_grad_(True)
+    loss = loss_fn(p, target, mask)
+    (grad,) = torch.autograd.grad(loss, p, allow_unused=True)
+    if grad is None:
+        grad = torch.zeros_like(p)
+    return _as_bhw(grad, "pred")
+
+
+class SSIGradientParts(NamedTuple):
+    """The image-level SSI gradient, term by term (each ``(B, H, W)``).
+
+    Attributes:
+        sign: ``r_i / d``, the direct term: the residual's sign over the scale.
+        scale: ``dL/ds * sign(p_i - t) / (n + 1)``, through the mean absolute deviation.
+        median: ``dL/dt`` at the median pixel of each image, 0 elsewhere.
+    """
+
+    sign: Tensor
+    scale: Tensor
+    median: Tensor
+
+    @property
+    def total(self) -> Tensor:
+        """``sign + scale + median``: the full gradient."""
+        return self.sign + self.scale + self.median
+
+
+def _lower_median(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Value and position of the lower median of a 1-D tensor (ties by position, as the core)."""
+    order = torch.sort(x, stable=True).indices
+    index = order[(x.numel() - 1) // 2]
+    return x[index], index
+
+
+def ssi_gradient_parts(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> SSIGradientParts:
+    """The analytic gradient of :func:`hdn.ssi_loss` with respect to ``pred``, in three terms.
+
+    Per image, over its ``n`` valid pixels, with ``t`` the lower median of ``p`` (at pixel
+    ``m``), ``s = sum_j |p_j - t| / (n + 1)``, ``d = s + 1e-6``, ``p_hat = (p - t) / d`` and
+    ``r_i = sign(p_hat_i - g_hat_i) / N_v`` (``N_v`` valid pixels in the whole batch):
+
+    .. math::
+
+        \\frac{\\partial \\mathcal L}{\\partial p_i} =
+        \\underbrace{\\frac{r_i}{d}}_{\\text{sign}}
+        + \\underbrace{\\frac{\\partial \\mathcal L}{\\partial s}
+            \\frac{\\operatorname{sign}(p_i - t)}{n + 1}}_{\\text{scale}}
+        + \\underbrace{[i = m]\\,\\frac{\\partial \\mathcal L}{\\partial t}}_{\\text{median}},
+        \\qquad
+        \\frac{\\partial \\mathcal L}{\\partial s} = -\\sum_j \\frac{r_j \\hat p_j}{d},\\quad
+        \\frac{\\partial \\mathcal L}{\\partial t} = -\\sum_j \\frac{r_j}{d}
+            - \\frac{\\partial \\mathcal L}{\\partial s}\\sum_j \\frac{\\operatorname{sign}(p_j - t)}{n + 1}.
+
+    Written independently of :mod:`hdn.segments` (one image at a time) so that each can check
+    the other.
+
+    Args:
+        pred: ``(B, 1, H, W)`` or ``(B, H, W)``.
+        target: same shape; non-finite values are invalid.
+        mask: optional bool mask.
+
+    Returns:
+        :class:`SSIGradientParts`, each ``(B, H, W)`` in float32 (float64 for float64 input),
+        0 at invalid pixels.
+
+    Examples:
+        >>> import hdn
+        >>> p = torch.tensor([[[1.0, 3.0, 2.0, 7.0]]])
+        >>> g = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
+        >>> parts = ssi_gradient_parts(p, g)
+        >>> torch.allclose(parts.total, loss_gradient(hdn.ssi_loss, p, g))
+        True
+    """
+    p3, g3, valid = check_depth_inputs(pred, target, mask)
+    dtype = stats_dtype(p3, g3)
+    p3, g3 = p3.detach().to(dtype), g3.detach().to(dtype)
+    sign_term, scale_term, median_term = (torch.zeros_like(p3) for _ in range(3))
+    n_valid = int(valid.sum())
+    for b in range(p3.shape[0]):
+        v = valid[b]
+        n = int(v.sum())
+        if n == 0:
+            continue
+        x, y = p3[b][v], g3[b][v]
+        t, m = _lower_median(x)
+        t_g, _ = _lower_median(y)
+        d = (x - t).abs().sum() / (n + 1) + EPS
+        d_g = (y - t_g).abs().sum() / (n + 1) + EPS
+        x_hat, y_hat = (x - t) / d, (y - t_g) / d_g
+        r = torch.sign(x_hat - y_hat) / n_valid
+        side = torch.sign(x - t)
+        d_loss_d_scale = -(r * x_hat).sum() / d
+        d_loss_d_shift = -r.sum() / d - d_loss_d_scale * side.sum() / (n + 1)
+        sign_term[b][v] = r / d
+        scale_term[b][v] = d_loss_d_scale * side / (n + 1)
+        median_b = torch.zeros_like(x)
+        median_b[m] = d_loss_d_shift
+        median_term[b][v] = median_b
+    return SSIGradientParts(sign_term, scale_term, median_term)
+
+
+def _mad_normalize(x: Tensor, count_offset: int) -> Tensor:
+    """``(x - t) / (s + 1e-6)`` of a 1-D tensor, ``s = sum |x - t| / (n + count_offset)``;
+    autograd reaches the median element (``torch.median`` picks the lower middle value)."""
+    t = torch.median(x)
+    s = (x - t).abs().sum() / (x.numel() + count_offset)
+    return (x - t) / (s + EPS)
+
+
+def _ssi_autograd(pred: Tensor, target: Tensor, mask: Tensor | None, count_offset: int) -> Tensor:
+    p3, g3, valid = check_depth_inputs(pred, target, mask)
+    dtype = stats_dtype(p3, g3)
+    total = p3.new_zeros((), dtype=dtype)
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        return (p3.to(dtype) * 0).sum()
+    for b in range(p3.shape[0]):
+        v = valid[b]
+        if not bool(v.any()):
+            continue
+        p_hat = _mad_normalize(p3[b][v].to(dtype), count_offset)
+        g_hat = _mad_normalize(g3[b][v].to(dtype), count_offset)
+        total = total + (p_hat - g_hat).abs().sum()
+    return total / n_valid
+
+
+def ssi_loss_count_n(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Image-level SSI loss with the scale divided by ``n``: an alternative for analysis only.
+
+    The released code (and :func:`hdn.ssi_loss`) divides the summed absolute deviation by
+    ``n + 1``. This variant divides by ``n``, the plain mean absolute deviation, so that the
+    effect of the ``+ 1`` can be measured; it is written with autograd, one image at a time,
+    and is not used by any loss of :mod:`hdn`:
+
+    .. math:: s = \\frac{1}{n}\\sum_{i \\in v}|x_i - t|
+
+    Args:
+        pred: ``(B, 1, H, W)`` or ``(B, H, W)``.
+        target: same shape; non-finite values are invalid.
+        mask: optional bool mask.
+
+    Returns:
+        scalar (float32, or float64 for float64 inputs).
+
+    Examples:
+        >>> import hdn
+        >>> p, g = torch.tensor([[[1.0, 3.0, 2.0, 7.0]]]), torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
+        >>> round(float(ssi_loss_count_n(p, g) / hdn.ssi_loss(p, g)), 4)  # n / (n + 1)
+        0.8
+    """
+    return _ssi_autograd(pred, target, mask, count_offset=0)
+
+
+def make_loss(name: str, levels: int = 1, *, detach_pred_median: bool = False) -> LossFn:
+    """SSI or HDN-DR / DP / DS as a ``loss_fn(pred, target, mask)``.
+
+    Args:
+        name: ``"ssi"`` (image level; ``levels`` ignored), ``"dr"``, ``"dp"`` or ``"ds"``.
+        levels: hierarchy depth ``L >= 1`` for the HDN losses.
+        detach_pred_median: build the contexts with the prediction's median taken without
+            gradient (the follow-up work's choice); ``False`` is the released HDN loss.
+
+    Returns:
+        the loss function; with ``detach_pred_median=False`` it equals :func:`hdn.ssi_loss` /
+        :func:`hdn.hdn_loss`.
+
+    Examples:
+        >>> import hdn
+        >>> g = torch.rand(1, 1, 8, 8) + 1
+        >>> p = torch.rand(1, 1, 8, 8)
+        >>> bool(make_loss("dp", 2)(p, g, None) == hdn.hdn_loss(p, g, context="dp", levels=2))
+        True
+    """
+    if name not in LOSS_NAMES:
+        raise ValueError(f"Invalid name: we expect one of {LOSS_NAMES}. Got: {name!r}.")
+    check_levels(levels)
+
+    def loss_fn(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        if name == "ssi":
+            ctx = _contexts.whole_image(target, mask)
+        else:
+            ctx = _contexts.build(name, target, mask, levels=levels)
+        ctx.detach_pred_median = detach_pred_median
+        return contexts_loss(pred, target, mask, ctx)
+
+    loss_fn.__name__ = f"{name}_L{levels}" if name != "ssi" else "ssi"
+    return loss_fn
+
+
+def smooth_within(depth: Tensor, region: Tensor, sigma: float) -> Tensor:
+    """Gaussian-blur a depth map using only the pixels of a region (normalised convolution).
+
+    Inside ``region`` each pixel becomes the Gaussian-weighted mean of the region's pixels
+    around it, so a near object blurred this way keeps a sharp outline and loses only its
+    inner relief; outside ``region`` the map is unchanged.
+
+    Args:
+        depth: ``(..., H, W)`` depth (finite inside ``region``; other values are ignored).
+        region: bool mask broadcastable to ``depth``.
+        sigma: Gaussian standard deviation in pixels, ``>= 0``.
+
+    Returns:
+        map of ``depth``'s shape and dtype.
+
+    Examples:
+        >>> d = torch.tensor([[1.0, 1.0, 9.0, 9.0]])
+        >>> smooth_within(d, d < 5, 2.0)
+        tensor([[1., 1., 9., 9.]])
+    """
+    region = region.expand_as(depth)
+    weight = region.to(depth.dtype)
+    inside = torch.where(region, depth, torch.zeros((), dtype=depth.dtype, device=depth.device))
+    smooth = blurred(inside, sigma) / blurred(weight, sigma).clamp(min=torch.finfo(depth.dtype).tiny)
+    return torch.where(region, smooth, depth)
+
+
+def depth_bins(depth: Tensor, valid: Tensor, edges: Sequence[float]) -> dict[str, Tensor]:
+    """Masks of the valid pixels whose depth lies between consecutive ``edges`` (in metres).
+
+    Args:
+        depth: ``(..., H, W)`` depth in metres.
+        valid: bool mask of the same shape.
+        edges: increasing bin edges; bin ``k`` holds ``edges[k] <= depth < edges[k + 1]``.
+
+    Returns:
+        ``{"a-b m": mask}`` in increasing depth.
+
+    Examples:
+        >>> d = torch.tensor([[1.0, 3.0, 30.0]])
+        >>> {k: v.tolist() for k, v in depth_bins(d, d > 0, [0, 5, 100]).items()}
+        {'0-5 m': [[True, True, False]], '5-100 m': [[False, False, True]]}
+    """
+    edges = list(edges)
+    if len(edges) < 2 or any(b <= a for a, b in itertools.pairwise(edges)):
+        raise ValueError(f"Invalid edges: we expect at least two increasing values. Got: {edges}.")
+    out = {}
+    for a, b in itertools.pairwise(edges):
+        out[f"{a:g}-{b:g} m"] = valid & (depth >= a) & (depth < b)
+    return out
+
+
+def detail_regions(
+    depth: Tensor, valid: Tensor, *, sigma: float = 2.0, fraction: float = 0.2
+) -> dict[str, Tensor]:
+    """Split the valid pixels into fine structure and smooth regions.
+
+    A pixel's detail is ``|g - smooth_within(g, valid, sigma)|``, what a Gaussian blur of
+    ``sigma`` pixels would remove there; the ``fraction`` of valid pixels with the most detail
+    are ``"fine"``, the rest ``"smooth"``.
+
+    Args:
+        depth: ``(..., H, W)`` depth.
+        valid: bool mask of the same shape.
+        sigma: blur in pixels.
+        fraction: share of valid pixels labelled fine, in ``(0, 1)``.
+
+    Returns:
+        ``{"fine": mask, "smooth": mask}``.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"Invalid fraction: we expect a number in (0, 1). Got: {fraction!r}.")
+    detail = (depth - smooth_within(depth, valid, sigma)).abs()
+    values = detail[valid]
+    if values.numel() == 0:
+        return {"fine": valid.clone(), "smooth": valid.clone()}
+    k = max(1, round(fraction * values.numel()))
+    threshold = torch.topk(values, k).values[-1]
+    fine = valid & (detail >= threshold)
+    return {"fine": fine, "smooth": valid & ~fine}
+
+
+def gradient_mass_by_region(grad: Tensor, regions: Mapping[str, Tensor]) -> dict[str, float]:
+    """Share of the gradient's total absolute mass ``sum_i |G_i|`` that falls in each region.
+
+    Args:
+        grad: gradient map, any shape.
+        regions: name -> bool mask broadcastable to ``grad``.
+
+    Returns:
+        name -> share in ``[0, 1]`` (0 for all when the gradient is zero). Shares of
+        disjoint regions that cover the map sum to 1.
+
+    Examples:
+        >>> g = torch.tensor([[1.0, -3.0, 0.0, 4.0]])
+        >>> gradient_mass_by_region(g, {"left": torch.tensor([[True, True, False, False]])})
+        {'left': 0.5}
+    """
+    mass = grad.detach().abs()
+    total = float(mass.sum())
+    return {
+        name: (float(mass[region.expand_as(mass)].sum()) / total if total > 0 else 0.0)
+        for name, region in regions.items()
+    }
+
+
+def _mad_align(pred: Tensor, target: Tensor, region: Tensor) -> Tensor:
+    """``pred`` mapped onto ``target`` over ``region`` by medians and mean absolute deviations."""
+    p, g = pred[region], target[region]
+    t_p, t_g = _lower_median(p)[0], _lower_median(g)[0]
+    s_p, s_g = (p - t_p).abs().mean(), (g - t_g).abs().mean()
+    return (pred - t_p) / s_p.clamp(min=torch.finfo(p.dtype).tiny) * s_g + t_g
+
+
+def aligned_error_map(pred: Tensor, target: Tensor, regions: Mapping[str, Tensor]) -> Tensor:
+    """Per-pixel error after aligning the prediction to the target region by region.
+
+    Within each region the prediction is shifted and scaled onto the target by their
+    medians and mean absolute deviations (robust, like the SSI normalisation), so the map
+    shows shape errors in the target's units (metres), not offsets between regions.
+
+    Args:
+        pred: ``(B, 1, H, W)`` or ``(B, H, W)``.
+        target: same shape.
+        regions: name -> bool mask of the same ``(B, H, W)`` (or ``(H, W)``); each is aligned
+            over all its pixels at once (use one image).
+
+    Returns:
+        ``(B, H, W)`` absolute error, NaN outside every region.
+    """
+    p, g = _as_bhw(pred, "pred").detach(), _as_bhw(target, "target").detach()
+    out = torch.full_like(p, float("nan"))
+    for region in regions.values():
+        r = region.expand_as(p)
+        if bool(r.any()):
+            out = torch.where(r, (_mad_align(p, g, r) - g).abs(), out)
+    return out
+
+
+def aligned_error(pred: Tensor, target: Tensor, region: Tensor) -> float:
+    """Mean of :func:`aligned_error_map` over one region (target units, e.g. metres).
+
+    Examples:
+        >>> g = torch.tensor([[[1.0, 2.0, 4.0, 8.0]]])
+        >>> aligned_error(3 * g + 1, g, torch.ones_like(g, dtype=torch.bool))
+        0.0
+    """
+    return float(aligned_error_map(pred, target, {"r": region})[region.expand(_as_bhw(pred, "pred").shape)].mean())
+
+
+def descend(
+    pred0: Tensor,
+    target: Tensor,
+    mask: Tensor | None,
+    loss_fn: LossFn,
+    steps: int,
+    lr: float,
+    *,
+    normalize: bool = True,
+) -> list[Tensor]:
+    """Gradient descent on the prediction map itself (no network).
+
+    ``p_{k+1} = p_k - lr * G_k / mean_i |G_{k,i}|`` with ``G_k`` the gradient of
+    ``loss_fn`` at ``p_k`` and the mean over the valid pixels, so every step moves the map by
+    ``lr`` (in the map's units, e.g. metres) per pixel on average and the loss only decides
+    *where* it moves. With ``normalize=False`` it is textbook ``p - lr * G``. Deterministic.
+
+    Args:
+        pred0: ``(B, 1, H, W)`` or ``(B, H, W)`` start.
+        target: same shape.
+        mask: optional bool mask.
+        loss_fn: ``loss_fn(pred, target, mask) -> scalar``.
+        steps: number of steps, ``>= 0``.
+        lr: step length (``normalize=True``) or learning rate.
+        normalize: divide the gradient by its mean absolute value first.
+
+    Returns:
+        ``steps + 1`` detached ``(B, H, W)`` maps, ``pred0`` first.
+
+    Examples:
+        >>> import hdn
+        >>> g = torch.rand(1, 6, 6) + 1
+        >>> maps = descend(torch.rand(1, 6, 6), g, None, hdn.ssi_loss, steps=3, lr=0.01)
+        >>> len(maps), maps[0].shape
+        (4, torch.Size([1, 6, 6]))
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"Invalid steps: we expect an integer >= 0. Got: {steps!r}.")
+    p = _as_bhw(pred0, "pred0").detach().clone()
+    _, _, valid = check_depth_inputs(p, target, mask)
+    snapshots = [p.clone()]
+    for _ in range(steps):
+        grad = loss_gradient(loss_fn, p, target, mask)
+        if normalize:
+            scale = grad.abs()[valid].mean() if bool(valid.any()) else grad.new_zeros(())
+            grad = grad / scale if float(scale) > 0 else torch.zeros_like(grad)
+        p = p - lr * grad
+        snapshots.append(p.clone())
+    return snapshots
+
+
+class DescentExplorer:
+    """Step through gradient descent on a map under SSI and HDN-DR / DP / DS (a widget).
+
+    Controls: a ``Dropdown`` for the loss, an ``IntSlider`` for the number of levels ``L``
+    (ignored by SSI) and an ``IntSlider`` for the step. Each change calls :meth:`render`
+    and shows the figure in an ``ipywidgets.Output``. Runs are computed on first use and
+    cached, so moving the step slider is instant.
+
+    Args:
+        pred0: ``(1, H, W)`` (or ``(1, 1, H, W)``) starting prediction.
+        target: same shape, e.g. depth in metres.
+        mask: optional bool mask.
+        regions: name -> ``(1, H, W)`` bool mask; the figure plots the aligned error of each
+            region (:func:`aligned_error`) against the step.
+        focus: the region whose error map is drawn (default: the first).
+        steps: descent steps per run.
+        lr: mean per-pixel step length (see :func:`descend`).
+        max_level: largest ``L`` on the level slider.
+        detach_pred_median: use the follow-up variant (see :func:`make_loss`).
+        unit: ``(name, factor)`` for the error map, e.g. ``("cm", 100.0)`` for metres.
+
+    Attributes:
+        widget: the ``ipywidgets.VBox`` to display.
+        state: ``(loss, level, step)`` last rendered.
+        figure: the last rendered figure.
+    """
+
+    LOSSES = (("SSI", "ssi"), ("HDN-DR", "dr"), ("HDN-DP", "dp"), ("HDN-DS", "ds"))
+
+    def __init__(
+        self,
+        pred0: Tensor,
+        target: Tensor,
+        mask: Tensor | None = None,
+        *,
+        regions: Mapping[str, Tensor],
+        focus: str | None = None,
+        steps: int = 40,
+        lr: float = 1e-3,
+        max_level: int = 4,
+        detach_pred_median: bool = True,
+        unit: tuple[str, float] = ("cm", 100.0),
+        loss: str = "dr",
+        level: int = 2,
+    ):
+        import ipywidgets as widgets
+
+        self.pred0 = _as_bhw(pred0, "pred0").detach()
+        self.target = _as_bhw(target, "target").detach()
+        if self.pred0.shape[0] != 1:
+            raise ValueError(f"Invalid pred0 shape: we expect one image (1, H, W). Got: {tuple(pred0.shape)}.")
+        self.mask = mask
+        if not regions:
+            raise ValueError("Invalid regions: we expect at least one named mask.")
+        self.regions = dict(regions)
+        self.focus = focus if focus is not None else next(iter(self.regions))
+        if self.focus not in self.regions:
+            raise ValueError(f"Invalid focus: we expect one of {list(self.regions)}. Got: {focus!r}.")
+        self.steps, self.lr, self.max_level = steps, lr, check_levels(max_level)
+        self.detach_pred_median = detach_pred_median
+        self.unit = unit
+        self._runs: dict[tuple[str, int], list[Tensor]] = {}
+        self._curves: dict[tuple[str, int], dict[str, list[float]]] = {}
+        self.loss = widgets.Dropdown(options=self.LOSSES, value=loss, description="loss")
+        self.level = widgets.IntSlider(value=level, min=1, max=max_level, description="levels L")
+        self.step = widgets.IntSlider(value=steps, min=0, max=steps, description="step")
+        self.output = widgets.Output()
+        for control in (self.loss, self.level, self.step):
+            control.observe(self._on_change, names="value")
+        self.widget = widgets.VBox([widgets.HBox([self.loss, self.level, self.step]), self.output])
+        self.state: tuple[str, int, int] | None = None
+        self.figure = None
+        self._on_change()
+
+    @staticmethod
+    def _key(loss: str, level: int) -> tuple[str, int]:
+        return (loss, 1) if loss == "ssi" else (loss, level)
+
+    def run(self, loss: str, level: int) -> list[Tensor]:
+        """The ``steps + 1`` maps of one run (cached)."""
+        key = self._key(loss, level)
+        if key not in self._runs:
+            fn = make_loss(key[0], key[1], detach_pred_median=self.detach_pred_median)
+            self._runs[key] = descend(self.pred0, self.target, self.mask, fn, self.steps, self.lr)
+        return self._runs[key]
+
+    def curves(self, loss: str, level: int) -> dict[str, list[float]]:
+        """Region name -> aligned error (target units) at every step of one run (cached)."""
+        key = self._key(loss, level)
+        if key not in self._curves:
+            maps = self.run(*key)
+            self._curves[key] = {
+                name: [aligned_error(m, self.target, region) for m in maps] for name, region in self.regions.items()
+            }
+        return self._curves[key]
+
+    def label(self, loss: str, level: int) -> str:
+        name = {v: k for k, v in self.LOSSES}[loss]
+        return name if loss == "ssi" else f"{name}, L = {level}"
+
+    def render(self, loss: str, level: int, step: int):
+        """Figure for one (loss, level, step): the focus region's aligned error map at that
+        step, and every region's error (relative to the start) against the step, with SSI
+        dashed for comparison. Pure apart from the cache; returns a matplotlib Figure."""
+        import matplotlib.pyplot as plt
+
+        if loss not in LOSS_NAMES:
+            raise ValueError(f"Invalid loss: we expect one of {LOSS_NAMES}. Got: {loss!r}.")
+        if not 0 <= step <= self.steps:
+            raise ValueError(f"Invalid step: we expect 0..{self.steps}. Got: {step!r}.")
+        unit_name, factor = self.unit
+        focus = self.regions[self.focus]
+        rows, cols = torch.nonzero(focus[0], as_tuple=True)
+        crop = (slice(int(rows.min()), int(rows.max()) + 1), slice(int(cols.min()), int(cols.max()) + 1))
+        start = aligned_error_map(self.pred0, self.target, {self.focus: focus})[0][crop] * factor
+        vmax = float(torch.nan_to_num(start, nan=0.0).max())
+        err = aligned_error_map(self.run(loss, level)[step], self.target, {self.focus: focus})[0][crop] * factor
+
+        fig, (ax_map, ax_curve) = plt.subplots(1, 2, figsize=(9.5, 3.4), dpi=80)
+        im = ax_map.imshow(err.cpu().numpy(), cmap="magma", vmin=0.0, vmax=vmax)
+        ax_map.set_title(f"{self.focus}: error after alignment, step {step}")
+        ax_map.set_xlabel("x (pixels, cropped)")
+        ax_map.set_ylabel("y (pixels, cropped)")
+        fig.colorbar(im, ax=ax_map, label=f"|aligned p - g| ({unit_name})")
+        steps = range(self.steps + 1)
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, name in enumerate(self.regions):
+            color = colors[i % len(colors)]
+            curve = self.curves(loss, level)[name]
+            ax_curve.plot(steps, [100 * c / curve[0] for c in curve], color=color, label=name)
+            if loss != "ssi":
+                ssi = self.curves("ssi", 1)[name]
+                ax_curve.plot(steps, [100 * c / ssi[0] for c in ssi], color=color, ls="--", label=f"{name} (SSI)")
+        ax_curve.axvline(step, color="0.4", lw=1)
+        ax_curve.set_title(self.label(loss, level))
+        ax_curve.set_xlabel("gradient-descent step")
+        ax_curve.set_ylabel("aligned error (% of start)")
+        ax_curve.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    def _on_change(self, change=None) -> None:
+        import matplotlib.pyplot as plt
+        from IPython.display import clear_output, display
+
+        self.level.disabled = self.loss.value == "ssi"
+        state = (self.loss.value, self.level.value, self.step.value)
+        fig = self.render(*state)
+        with self.output:
+            clear_output(wait=True)
+            display(fig)
+        plt.close(fig)
+        self.state, self.figure = state, fig

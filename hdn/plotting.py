@@ -1,0 +1,227 @@
+"""Plotting helpers for the workbook: one look for every figure, so readers compare like with like.
+
+The notebooks draw with plain matplotlib; what they would otherwise repeat in every cell
+(colormaps, colorbars with units, masking invalid pixels, DS grid lines) lives here.
+
+Conventions:
+
+* depth in metres: :data:`DEPTH_CMAP`, colorbar "depth (m)";
+* normalised depth ``x_hat`` (no unit): :data:`NORMALIZED_CMAP`, centred on 0;
+* per-pixel loss ``|p_hat - g_hat|`` (no unit): :data:`LOSS_CMAP`, from 0;
+* context labels: :data:`CONTEXT_CMAP`, pixels in no context in :data:`NONE_COLOR`.
+
+Invalid pixels (``valid`` False) and pixels outside the shown context are left blank.
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib as mpl
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
+from torch import Tensor
+
+__all__ = [
+    "CONTEXT_CMAP",
+    "DEPTH_CMAP",
+    "LOSS_CMAP",
+    "MAP_KINDS",
+    "NONE_COLOR",
+    "NORMALIZED_CMAP",
+    "draw_grid",
+    "figure_png",
+    "grid_edges",
+    "show_contexts",
+    "show_map",
+    "use_workbook_style",
+]
+
+DEPTH_CMAP = "viridis"
+NORMALIZED_CMAP = "RdBu_r"
+LOSS_CMAP = "inferno"
+CONTEXT_CMAP = "tab20"
+NONE_COLOR = "lightgrey"
+
+MAP_KINDS = {
+    # kind: (colormap, default colorbar label)
+    "depth": (DEPTH_CMAP, "depth (m)"),
+    "normalized": (NORMALIZED_CMAP, r"normalised $\hat x$ (no unit)"),
+    "loss": (LOSS_CMAP, r"$|\hat p - \hat g|$ (no unit)"),
+    "image": (None, None),
+}
+
+
+def use_workbook_style(dpi: int = 80) -> None:
+    """Small, crisp figures: ``dpi`` for screen and PNG, 9 pt text, constrained layout.
+
+    Args:
+        dpi: dots per inch of every new figure (the notebooks keep PNG outputs small).
+    """
+    mpl.rcParams.update(
+        {
+            "figure.dpi": dpi,
+            "savefig.dpi": dpi,
+            "font.size": 9,
+            "axes.titlesize": 9,
+            "figure.titlesize": 10,
+            "figure.constrained_layout.use": True,
+            "image.interpolation": "nearest",
+        }
+    )
+
+
+def _numpy(x: Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().to("cpu", torch.float64 if x.is_floating_point() else x.dtype)
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _image_2d(x: Tensor | np.ndarray, name: str) -> np.ndarray:
+    a = _numpy(x)
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim == 4 and a.shape[:2] == (1, 1):
+        a = a[0, 0]
+    if a.ndim != 2:
+        raise ValueError(f"Invalid {name} shape: we expect (H, W), (1, H, W) or (1, 1, H, W). Got: {a.shape}.")
+    return a
+
+
+def show_map(
+    ax: Axes,
+    values: Tensor | np.ndarray,
+    *,
+    kind: str = "depth",
+    title: str,
+    valid: Tensor | np.ndarray | None = None,
+    label: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cmap: str | None = None,
+    colorbar: bool = True,
+) -> AxesImage:
+    """Draw one map with the workbook's colormap and a labelled colorbar.
+
+    Args:
+        ax: the axes.
+        values: ``(H, W)`` map (or ``(1, H, W)``); for ``kind="image"`` an RGB ``(3, H, W)``
+            tensor or ``(H, W, 3)`` array in ``[0, 1]``.
+        kind: ``"depth"`` (metres), ``"normalized"`` (symmetric about 0), ``"loss"`` (from 0)
+            or ``"image"``.
+        title: axes title.
+        valid: optional ``(H, W)`` bool; pixels where it is False are left blank.
+        label: colorbar label; default from :data:`MAP_KINDS`.
+        vmin, vmax: colour limits; ``"normalized"`` defaults to the symmetric range of the
+            shown values, ``"loss"`` to ``[0, max]``.
+        cmap: colormap name replacing the kind's (e.g. ``"gray"`` for a background).
+        colorbar: draw the colorbar.
+
+    Returns:
+        The :class:`~matplotlib.image.AxesImage`; its array is a masked array whose mask is
+        ``~valid``.
+
+    Examples:
+        >>> fig = Figure()
+        >>> im = show_map(fig.subplots(), torch.ones(4, 5), title="flat", vmin=0, vmax=2)
+        >>> im.get_array().shape, im.axes.get_title()
+        ((4, 5), 'flat')
+    """
+    if kind not in MAP_KINDS:
+        raise ValueError(f"Invalid kind: we expect one of {tuple(MAP_KINDS)}. Got: {kind!r}.")
+    if kind == "image":
+        a = _numpy(values)
+        if a.ndim == 3 and a.shape[0] == 3:
+            a = a.transpose(1, 2, 0)
+        im = ax.imshow(np.clip(a, 0, 1))
+    else:
+        a = _image_2d(values, "values").astype(np.float64)
+        hidden = ~np.isfinite(a)
+        if valid is not None:
+            hidden |= ~_image_2d(valid, "valid").astype(bool)
+        shown = np.ma.masked_array(a, mask=hidden)
+        default_cmap, default_label = MAP_KINDS[kind]
+        cmap = default_cmap if cmap is None else cmap
+        label = default_label if label is None else label
+        data = shown.compressed()
+        if kind == "normalized" and vmin is None and vmax is None and data.size:
+            vmax = float(np.abs(data).max()) or 1.0
+            vmin = -vmax
+        if kind == "loss" and vmin is None:
+            vmin = 0.0
+        im = ax.imshow(shown, cmap=mpl.colormaps[cmap].with_extremes(bad="white"), vmin=vmin, vmax=vmax)
+        if colorbar:
+            ax.figure.colorbar(im, ax=ax, shrink=0.85, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("column (px)")
+    ax.set_ylabel("row (px)")
+    return im
+
+
+def show_contexts(
+    ax: Axes,
+    ids: Tensor | np.ndarray,
+    *,
+    title: str,
+    count: int | None = None,
+    colorbar: bool = True,
+) -> AxesImage:
+    """Draw a context-index map (``level_ids``): one colour per context, grey for "none" (-1).
+
+    Args:
+        ax: the axes.
+        ids: ``(H, W)`` integer map, ``-1`` where a pixel is in no context.
+        title: axes title.
+        count: number of contexts ``K`` (colours ``0 .. K-1``); default ``max(ids) + 1``.
+        colorbar: draw a colorbar labelled "context index".
+
+    Returns:
+        The :class:`~matplotlib.image.AxesImage` (its array holds the ids, masked at -1).
+    """
+    a = _image_2d(ids, "ids").astype(np.int64)
+    k = int(a.max()) + 1 if count is None else int(count)
+    k = max(k, 1)
+    base = mpl.colormaps[CONTEXT_CMAP]
+    cmap = ListedColormap([base(i % base.N) for i in range(k)]).with_extremes(bad=NONE_COLOR)
+    im = ax.imshow(np.ma.masked_less(a, 0), cmap=cmap, vmin=-0.5, vmax=k - 0.5)
+    if colorbar:
+        cb = ax.figure.colorbar(im, ax=ax, shrink=0.85, label="context index")
+        cb.set_ticks(np.arange(k) if k <= 16 else np.linspace(0, k - 1, 5).round())
+    ax.set_title(title)
+    ax.set_xlabel("column (px)")
+    ax.set_ylabel("row (px)")
+    return im
+
+
+def grid_edges(size: int, level: int) -> list[int]:
+    """Start index of every DS cell along one side of ``size`` pixels at ``level``.
+
+    Uses the SPEC rule ``int(i * w * size)`` with ``w = 2**-level``.
+
+    Examples:
+        >>> grid_edges(371, 2)
+        [0, 92, 185, 278]
+    """
+    w = 1 / 2**level
+    return [int(i * w * size) for i in range(2**level)]
+
+
+def draw_grid(ax: Axes, height: int, width: int, level: int, **line_kw) -> None:
+    """Draw the DS cell boundaries of ``level`` on an image of ``height x width`` pixels."""
+    style = {"color": "white", "linewidth": 0.8, "alpha": 0.9} | line_kw
+    for r in grid_edges(height, level)[1:]:
+        ax.axhline(r - 0.5, **style)
+    for c in grid_edges(width, level)[1:]:
+        ax.axvline(c - 0.5, **style)
+
+
+def figure_png(fig: Figure) -> bytes:
+    """The figure as PNG bytes at its own dpi (for widgets and tests)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
