@@ -65,6 +65,8 @@ def _worker(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     pred0, target = _make_inputs(args.batch, args.size, device, dtype)
     fn = _loss_fn(args.impl, args.case, args.levels)
+    if args.impl == "hdn":  # import outside the measured step, as the reference does
+        import hdn  # noqa: F401
 
     def step() -> None:
         pred = pred0.clone().requires_grad_(True)
@@ -72,36 +74,50 @@ def _worker(args: argparse.Namespace) -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = _rss_bytes()
-        step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    if args.what == "memory":
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            base = _rss_bytes()
+            step()
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        print(json.dumps({"peak": max(peak, 0)}))
+        return
+    step()  # warm-up
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"time": statistics.median(times), "peak": max(peak, 0)}))
+    print(json.dumps({"time": statistics.median(times)}))
 
 
-def _measure(impl: str, case: str, cfg: argparse.Namespace, repeats: int) -> dict:
+def _run_worker(impl: str, case: str, cfg: argparse.Namespace, what: str, repeats: int) -> dict:
     cmd = [
         sys.executable, "-m", "hdn.bench", "--worker", "--impl", impl, "--case", case,
         "--batch", str(cfg.batch), "--size", str(cfg.size), "--levels", str(cfg.levels),
         "--device", cfg.device, "--dtype", cfg.dtype, "--threads", str(cfg.threads),
-        "--repeats", str(repeats),
+        "--repeats", str(repeats), "--what", what,
     ]
-    # Large blocks straight from mmap, so that freed memory leaves the resident set and the
-    # peak RSS tracks live tensors (glibc otherwise keeps freed blocks, for both sides).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    env = dict(os.environ)
+    if what == "memory":
+        # Large blocks straight from mmap, so that freed memory leaves the resident set and
+        # the peak RSS tracks live tensors (glibc otherwise keeps freed blocks). It slows
+        # allocation, so times are taken in another process without it.
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _measure(impl: str, case: str, cfg: argparse.Namespace, repeats: int) -> dict:
+    return {
+        **_run_worker(impl, case, cfg, "time", repeats),
+        **_run_worker(impl, case, cfg, "memory", 1),
+    }
 
 
 def _table(cfg: argparse.Namespace) -> dict:
@@ -170,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ref-repeats", type=int, default=1)
+    parser.add_argument("--ref-repeats", type=int, default=2)
+    parser.add_argument("--what", default="time", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="B=2, 128x128: a fast smoke run")
     parser.add_argument("--skip-large", action="store_true", help="skip the 4100x4100 DP check")
     args = parser.parse_args(argv)

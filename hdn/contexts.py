@@ -142,9 +142,11 @@ class IntervalContexts(Contexts):
     The levels must nest: the edges of level ``l`` are every ``2**(L-1-l)``-th edge of the
     finest level (true for DR and DP, whose edges are the same float computations at the
     same fractions). Bins are found once, at the finest level, by locating the edges in
-    each image's sorted depths; a coarser level's bin is the finest bin shifted right.
-    Where adjacent bins overlap (DR's ``+ 1e-30`` can make them overlap only when an edge
-    lies within 1e-30 of zero), a pixel is assigned to the last bin that contains it.
+    each image's sorted depths. The bins that hold a pixel form a range ``[first, last]``;
+    at a coarser level the range is the finest one shifted right by the level gap. Bins
+    overlap only where DR's ``+ 1e-30`` survives rounding (an edge within 1e-30 of zero):
+    then a pixel is in several bins, exactly as in the released code, and that level is
+    handed to the loss as (pixel, bin) pairs.
 
     Attributes:
         target_order: ``(B*H*W,)`` the target's value order, reused by the loss.
@@ -180,11 +182,27 @@ class IntervalContexts(Contexts):
         if sorted_rows is None:
             sorted_rows = _sorted_valid_rows(flat, vflat, order, B)
         self.target_order = order
-        self._finest = _bins_of_sorted(*sorted_rows, lower[-1], upper[-1], order)
+        self._last, self._first = _bins_of_sorted(*sorted_rows, lower[-1], upper[-1], order)
 
     def level(self, index: int) -> ContextLevel:
         shift = self.num_levels - 1 - index
-        return ContextLevel(self._finest >> shift, 2**index)  # -1 >> n == -1
+        last = self._last >> shift  # -1 >> n == -1: in no bin
+        if self._first is None:
+            return ContextLevel(last, 2**index)
+        first = self._first >> shift
+        extra = (first < last) & (last >= 0)  # pixels in more than one bin at this level
+        if not bool(extra.any()):
+            return ContextLevel(last, 2**index)
+        n = last.numel()
+        extra_pix = extra.nonzero().squeeze(1)
+        repeats = (last - first).index_select(0, extra_pix).long()
+        pair_pix = torch.repeat_interleave(extra_pix, repeats)
+        offsets = torch.arange(pair_pix.numel(), device=last.device) - torch.repeat_interleave(
+            torch.cumsum(repeats, 0) - repeats, repeats
+        )
+        pair_bin = first.long().index_select(0, pair_pix) + offsets
+        pix = torch.cat([torch.arange(n, device=last.device), pair_pix])
+        return ContextLevel(torch.cat([last.long(), pair_bin]), 2**index, pix)
 
 
 def _sorted_valid_rows(flat: Tensor, valid: Tensor, order: Tensor, batch: int) -> tuple[Tensor, Tensor]:
@@ -195,29 +213,42 @@ def _sorted_valid_rows(flat: Tensor, valid: Tensor, order: Tensor, batch: int) -
     return rows.masked_fill_(beyond, float("inf")), count
 
 
-def _bins_of_sorted(sorted_rows: Tensor, count: Tensor, lower: Tensor, upper: Tensor, order: Tensor) -> Tensor:
-    """Bin index (int32, -1 for none) of every pixel for interval bins ``lower <= g < upper``.
+def _bins_of_sorted(
+    sorted_rows: Tensor, count: Tensor, lower: Tensor, upper: Tensor, order: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """The bins of every pixel for interval bins ``lower <= g < upper`` (``(B, K)`` edges).
 
-    In an image's sorted depths, the pixels whose last bin with ``lower <= g`` is ``i`` form
-    the run ``[start_i, start_{i+1})`` (``start_i`` = first position with value >=
-    ``lower_i``); of those, the ones with ``g < upper_i`` come first, up to the first
-    position with value >= ``upper_i``. So two tiny searches per edge and one cumulative
-    sum label every position, and ``order`` takes the labels back to the pixels.
+    In an image's sorted depths the bins that hold position ``r`` are ``first(r) .. last(r)``
+    with ``last(r)`` = (number of bins starting at or before ``r``) - 1 and ``first(r)`` =
+    number of bins ending at or before ``r`` (a bin starts at the first position with value
+    >= its lower edge and ends at the first with value >= its upper edge). Two tiny
+    searches per edge and two cumulative sums label all positions; ``order`` takes the
+    labels back to the pixels.
+
+    Returns:
+        ``last`` (int32 ``(N,)``, -1 for a pixel in no bin) and ``first`` (int32 ``(N,)``),
+        or ``None`` for ``first`` when no pixel is in more than one bin.
     """
     B, P = sorted_rows.shape
-    start = torch.searchsorted(sorted_rows, lower.contiguous()).clamp(max=P)  # (B, K)
-    stop = torch.searchsorted(sorted_rows, upper.contiguous()).clamp(max=P)
-    starts_here = torch.zeros(B, P + 1, dtype=torch.int32, device=sorted_rows.device)
-    starts_here.scatter_add_(1, start, torch.ones_like(start, dtype=torch.int32))
-    last = torch.cumsum(starts_here[:, :P], dim=1, dtype=torch.int32) - 1  # (B, P)
-    # position r is in bin last(r) iff r < stop[last(r)] and r is a valid position
-    stop_of_last = torch.cat([stop.new_zeros(B, 1), stop], dim=1).gather(1, (last + 1).long())
     position = torch.arange(P, device=sorted_rows.device).unsqueeze(0)
-    member = (position < stop_of_last) & (position < count.unsqueeze(1)) & (last >= 0)
-    labels = last.masked_fill_(~member, -1).view(-1)
-    finest = torch.empty_like(labels)
-    finest.index_copy_(0, order, labels)
-    return finest
+
+    def _count_at_or_before(edges: Tensor) -> Tensor:
+        where = torch.searchsorted(sorted_rows, edges.contiguous()).clamp(max=P)
+        marks = torch.zeros(B, P + 1, dtype=torch.int32, device=sorted_rows.device)
+        marks.scatter_add_(1, where, torch.ones_like(where, dtype=torch.int32))
+        return torch.cumsum(marks[:, :P], dim=1, dtype=torch.int32)
+
+    last = _count_at_or_before(lower) - 1
+    first = _count_at_or_before(upper)
+    member = (first <= last) & (position < count.unsqueeze(1))
+    last = last.masked_fill_(~member, -1)
+    overlap = bool(((first < last) & member).any())
+
+    def _to_pixels(labels: Tensor) -> Tensor:
+        out = torch.empty(labels.numel(), dtype=labels.dtype, device=labels.device)
+        return out.index_copy_(0, order, labels.reshape(-1))
+
+    return _to_pixels(last), (_to_pixels(first) if overlap else None)
 
 
 def whole_image(target: Tensor, mask: Tensor | None = None) -> Contexts:

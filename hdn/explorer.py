@@ -17,6 +17,7 @@ callbacks can be tested by setting widget values from Python.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -453,20 +454,21 @@ class ContextExplorer:
     # --- widget callbacks ----------------------------------------------------------------
 
     def on_change(self, change: dict | None = None) -> None:
-        """Re-render the selected context into ``output`` (the sliders' callback)."""
+        """Re-render the selected context into ``output`` (the sliders' callback).
+
+        The PNG is written into the ``Output`` widget's ``outputs`` state (what
+        ``Output.append_display_data`` does), so no display message is sent to the notebook
+        and the callback behaves the same in a kernel, under nbval and in plain Python.
+        """
         if self._syncing:
             return
-        from IPython import get_ipython
-        from IPython.display import Image, display
-
         fig = self.render(self.kind.value, self.level.value, self.index.value)
         self.figure = fig
         self.renders += 1
-        if get_ipython() is None:  # plain Python (tests): nothing to display into
-            return
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(Image(data=figure_png(fig), format="png"))
+        png = base64.b64encode(figure_png(fig)).decode("ascii")
+        self.output.outputs = (
+            {"output_type": "display_data", "data": {"image/png": png, "text/plain": fig.get_suptitle()}, "metadata": {}},
+        )
 
     def _on_structure(self, change: dict | None = None) -> None:
         """Kind or level changed: give the index slider the new number of contexts, re-render."""

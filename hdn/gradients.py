@@ -80,7 +80,7 @@ def loss_gradient(loss_fn: LossFn, pred: Tensor, target: Tensor, mask: Tensor | 
     """
     p = pred.detach().clone().requires_grad_(True)
     loss = loss_fn(p, target, mask)
-    (grad,) = torch.autograd.grad(loss, p, allow_unused=True)
+    grad = torch.autograd.grad(loss, p, allow_unused=True)[0] if loss.requires_grad else None
     if grad is None:
         grad = torch.zeros_like(p)
     return _as_bhw(grad, "pred")
@@ -365,7 +365,7 @@ def gradient_mass_by_region(grad: Tensor, regions: Mapping[str, Tensor]) -> dict
         >>> gradient_mass_by_region(g, {"left": torch.tensor([[True, True, False, False]])})
         {'left': 0.5}
     """
-    mass = grad.detach().abs()
+    mass = grad.detach().abs().double()
     total = float(mass.sum())
     return {
         name: (float(mass[region.expand_as(mass)].sum()) / total if total > 0 else 0.0)
@@ -466,6 +466,11 @@ def descend(
         p = p - lr * grad
         snapshots.append(p.clone())
     return snapshots
+
+
+def _percent_of_start(curve: list[float]) -> list[float]:
+    start = curve[0] if curve[0] > 0 else float("nan")  # nothing to recover: no curve
+    return [100 * c / start for c in curve]
 
 
 class DescentExplorer:
@@ -596,11 +601,10 @@ class DescentExplorer:
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, name in enumerate(self.regions):
             color = colors[i % len(colors)]
-            curve = self.curves(loss, level)[name]
-            ax_curve.plot(steps, [100 * c / curve[0] for c in curve], color=color, label=name)
+            ax_curve.plot(steps, _percent_of_start(self.curves(loss, level)[name]), color=color, label=name)
             if loss != "ssi":
-                ssi = self.curves("ssi", 1)[name]
-                ax_curve.plot(steps, [100 * c / ssi[0] for c in ssi], color=color, ls="--", label=f"{name} (SSI)")
+                ssi = _percent_of_start(self.curves("ssi", 1)[name])
+                ax_curve.plot(steps, ssi, color=color, ls="--", label=f"{name} (SSI)")
         ax_curve.axvline(step, color="0.4", lw=1)
         ax_curve.set_title(self.label(loss, level))
         ax_curve.set_xlabel("gradient-descent step")
