@@ -181,8 +181,9 @@ class IntervalContexts(Contexts):
             order, sorted_rows = value_order(flat, vflat, B), None
         if sorted_rows is None:
             sorted_rows = _sorted_valid_rows(flat, vflat, order, B)
-        self.target_order = order
         self._last, self._first = _bins_of_sorted(*sorted_rows, lower[-1], upper[-1], order)
+        # int32 halves its memory; the loss gathers only a few entries of it
+        self.target_order = order.to(torch.int32) if order.numel() < 2**31 else order
 
     def level(self, index: int) -> ContextLevel:
         shift = self.num_levels - 1 - index

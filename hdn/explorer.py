@@ -405,7 +405,7 @@ class ContextExplorer:
 
         Panels (in ``figure.axes`` order): the context over the depth map; ``g_hat`` inside
         the context; a histogram of the context's depths against the whole image's; with a
-        prediction, ``|p_hat - g_hat|`` inside the context.
+        prediction, ``|p_hat - g_hat|`` inside the context (colours clipped at its 99th percentile).
 
         Returns:
             A :class:`matplotlib.figure.Figure` (not managed by pyplot) titled by :meth:`describe`.
@@ -441,7 +441,9 @@ class ContextExplorer:
         if p_hat is not None:
             loss = (p_hat - g_hat).abs()
             mean = float(loss[inside].mean()) if inside.any() else 0.0
-            show_map(axes[3], loss, kind="loss", valid=inside, title=rf"$|\hat p - \hat g|$ (mean {mean:.3f})")
+            top = float(torch.quantile(loss[inside].double(), 0.99)) if inside.any() else 1.0
+            show_map(axes[3], loss, kind="loss", valid=inside, vmax=max(top, 1e-6),
+                     title=rf"$|\hat p - \hat g|$ (mean {mean:.3f})")
         if kind == "ds":  # a cell is small: zoom the per-context panels onto it
             rows, cols = torch.nonzero(inside, as_tuple=True)
             if rows.numel():

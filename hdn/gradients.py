@@ -10,8 +10,8 @@ each pixel of a prediction map ``p``:
   instead of the released ``n + 1``; it is not the loss that :mod:`hdn` trains with.
 * :func:`make_loss`: SSI or HDN-DR/DP/DS by name, optionally with the prediction's median
   detached (the follow-up work's variant).
-* :func:`gradient_mass_by_region`, :func:`depth_bins`, :func:`detail_regions`: where the
-  gradient goes (near/far, fine/smooth).
+* :func:`gradient_mass_by_region`, :func:`detail_regions`: where the gradient goes (near/far,
+  fine/smooth; :func:`hdn.explorer.depth_quantile_regions` gives depth quarters).
 * :func:`descend`, :func:`aligned_error`, :func:`aligned_error_map`, :class:`DescentExplorer`:
   gradient descent on the map itself (no network) and a widget to step through it.
 
@@ -20,8 +20,7 @@ All maps are ``(B, H, W)``; inputs may also be ``(B, 1, H, W)``.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -40,7 +39,6 @@ __all__ = [
     "SSIGradientParts",
     "aligned_error",
     "aligned_error_map",
-    "depth_bins",
     "descend",
     "detail_regions",
     "gradient_mass_by_region",
@@ -294,31 +292,6 @@ def smooth_within(depth: Tensor, region: Tensor, sigma: float) -> Tensor:
     return torch.where(region, smooth, depth)
 
 
-def depth_bins(depth: Tensor, valid: Tensor, edges: Sequence[float]) -> dict[str, Tensor]:
-    """Masks of the valid pixels whose depth lies between consecutive ``edges`` (in metres).
-
-    Args:
-        depth: ``(..., H, W)`` depth in metres.
-        valid: bool mask of the same shape.
-        edges: increasing bin edges; bin ``k`` holds ``edges[k] <= depth < edges[k + 1]``.
-
-    Returns:
-        ``{"a-b m": mask}`` in increasing depth.
-
-    Examples:
-        >>> d = torch.tensor([[1.0, 3.0, 30.0]])
-        >>> {k: v.tolist() for k, v in depth_bins(d, d > 0, [0, 5, 100]).items()}
-        {'0-5 m': [[True, True, False]], '5-100 m': [[False, False, True]]}
-    """
-    edges = list(edges)
-    if len(edges) < 2 or any(b <= a for a, b in itertools.pairwise(edges)):
-        raise ValueError(f"Invalid edges: we expect at least two increasing values. Got: {edges}.")
-    out = {}
-    for a, b in itertools.pairwise(edges):
-        out[f"{a:g}-{b:g} m"] = valid & (depth >= a) & (depth < b)
-    return out
-
-
 def detail_regions(
     depth: Tensor, valid: Tensor, *, sigma: float = 2.0, fraction: float = 0.2
 ) -> dict[str, Tensor]:
@@ -352,9 +325,11 @@ def detail_regions(
 def gradient_mass_by_region(grad: Tensor, regions: Mapping[str, Tensor]) -> dict[str, float]:
     """Share of the gradient's total absolute mass ``sum_i |G_i|`` that falls in each region.
 
+    :func:`hdn.explorer.region_loss_share` applied to ``|G|`` (in float64).
+
     Args:
-        grad: gradient map, any shape.
-        regions: name -> bool mask broadcastable to ``grad``.
+        grad: gradient map, e.g. from :func:`loss_gradient`.
+        regions: name -> bool mask with as many elements as ``grad``.
 
     Returns:
         name -> share in ``[0, 1]`` (0 for all when the gradient is zero). Shares of
@@ -365,12 +340,9 @@ def gradient_mass_by_region(grad: Tensor, regions: Mapping[str, Tensor]) -> dict
         >>> gradient_mass_by_region(g, {"left": torch.tensor([[True, True, False, False]])})
         {'left': 0.5}
     """
-    mass = grad.detach().abs().double()
-    total = float(mass.sum())
-    return {
-        name: (float(mass[region.expand_as(mass)].sum()) / total if total > 0 else 0.0)
-        for name, region in regions.items()
-    }
+    from .explorer import region_loss_share
+
+    return region_loss_share(grad.detach().abs().double(), regions)
 
 
 def _mad_align(pred: Tensor, target: Tensor, region: Tensor) -> Tensor:
@@ -476,28 +448,25 @@ def _percent_of_start(curve: list[float]) -> list[float]:
 class DescentExplorer:
     """Step through gradient descent on a map under SSI and HDN-DR / DP / DS (a widget).
 
-    Controls: a ``Dropdown`` for the loss, an ``IntSlider`` for the number of levels ``L``
-    (ignored by SSI) and an ``IntSlider`` for the step. Each change calls :meth:`render`
-    and shows the figure in an ``ipywidgets.Output``. Runs are computed on first use and
-    cached, so moving the step slider is instant.
+    ``widget`` is an ipywidgets ``VBox``: a ``Dropdown`` ``loss``, an ``IntSlider`` ``level``
+    (the number of levels ``L``, ignored and disabled for SSI) and an ``IntSlider`` ``step``.
+    Every change calls :meth:`on_change`, which draws :meth:`render` into ``output``; the last
+    figure stays in ``figure`` and its ``(loss, level, step)`` in ``state``. Runs are computed
+    on first use and cached, so moving the step slider only redraws.
 
     Args:
-        pred0: ``(1, H, W)`` (or ``(1, 1, H, W)``) starting prediction.
+        pred0: ``(H, W)``, ``(1, H, W)`` or ``(1, 1, H, W)`` starting prediction.
         target: same shape, e.g. depth in metres.
         mask: optional bool mask.
-        regions: name -> ``(1, H, W)`` bool mask; the figure plots the aligned error of each
-            region (:func:`aligned_error`) against the step.
+        regions: name -> bool mask of the image; the figure plots each region's
+            :func:`aligned_error` against the step.
         focus: the region whose error map is drawn (default: the first).
         steps: descent steps per run.
         lr: mean per-pixel step length (see :func:`descend`).
         max_level: largest ``L`` on the level slider.
         detach_pred_median: use the follow-up variant (see :func:`make_loss`).
         unit: ``(name, factor)`` for the error map, e.g. ``("cm", 100.0)`` for metres.
-
-    Attributes:
-        widget: the ``ipywidgets.VBox`` to display.
-        state: ``(loss, level, step)`` last rendered.
-        figure: the last rendered figure.
+        loss, level: initial dropdown and slider values.
     """
 
     LOSSES = (("SSI", "ssi"), ("HDN-DR", "dr"), ("HDN-DP", "dp"), ("HDN-DS", "ds"))
@@ -520,14 +489,12 @@ class DescentExplorer:
     ):
         import ipywidgets as widgets
 
-        self.pred0 = _as_bhw(pred0, "pred0").detach()
-        self.target = _as_bhw(target, "target").detach()
-        if self.pred0.shape[0] != 1:
-            raise ValueError(f"Invalid pred0 shape: we expect one image (1, H, W). Got: {tuple(pred0.shape)}.")
-        self.mask = mask
+        self.pred0 = _one_image(pred0, "pred0")
+        self.target = _one_image(target, "target")
+        self.mask = None if mask is None else _one_image(mask, "mask")
         if not regions:
             raise ValueError("Invalid regions: we expect at least one named mask.")
-        self.regions = dict(regions)
+        self.regions = {name: _one_image(r, f"region {name!r}") for name, r in regions.items()}
         self.focus = focus if focus is not None else next(iter(self.regions))
         if self.focus not in self.regions:
             raise ValueError(f"Invalid focus: we expect one of {list(self.regions)}. Got: {focus!r}.")
@@ -536,16 +503,20 @@ class DescentExplorer:
         self.unit = unit
         self._runs: dict[tuple[str, int], list[Tensor]] = {}
         self._curves: dict[tuple[str, int], dict[str, list[float]]] = {}
+
         self.loss = widgets.Dropdown(options=self.LOSSES, value=loss, description="loss")
-        self.level = widgets.IntSlider(value=level, min=1, max=max_level, description="levels L")
-        self.step = widgets.IntSlider(value=steps, min=0, max=steps, description="step")
+        self.level = widgets.IntSlider(
+            value=level, min=1, max=max_level, description="levels L", continuous_update=False
+        )
+        self.step = widgets.IntSlider(value=steps, min=0, max=steps, description="step", continuous_update=False)
         self.output = widgets.Output()
-        for control in (self.loss, self.level, self.step):
-            control.observe(self._on_change, names="value")
         self.widget = widgets.VBox([widgets.HBox([self.loss, self.level, self.step]), self.output])
         self.state: tuple[str, int, int] | None = None
         self.figure = None
-        self._on_change()
+        self.renders = 0
+        for control in (self.loss, self.level, self.step):
+            control.observe(self.on_change, names="value")
+        self.on_change()
 
     @staticmethod
     def _key(loss: str, level: int) -> tuple[str, int]:
@@ -553,6 +524,7 @@ class DescentExplorer:
 
     def run(self, loss: str, level: int) -> list[Tensor]:
         """The ``steps + 1`` maps of one run (cached)."""
+        self._check(loss, level)
         key = self._key(loss, level)
         if key not in self._runs:
             fn = make_loss(key[0], key[1], detach_pred_median=self.detach_pred_median)
@@ -570,35 +542,43 @@ class DescentExplorer:
         return self._curves[key]
 
     def label(self, loss: str, level: int) -> str:
+        """Display name of a run, e.g. ``"HDN-DR, L = 3"``."""
         name = {v: k for k, v in self.LOSSES}[loss]
         return name if loss == "ssi" else f"{name}, L = {level}"
 
     def render(self, loss: str, level: int, step: int):
-        """Figure for one (loss, level, step): the focus region's aligned error map at that
-        step, and every region's error (relative to the start) against the step, with SSI
-        dashed for comparison. Pure apart from the cache; returns a matplotlib Figure."""
-        import matplotlib.pyplot as plt
+        """Draw one (loss, level, step).
 
-        if loss not in LOSS_NAMES:
-            raise ValueError(f"Invalid loss: we expect one of {LOSS_NAMES}. Got: {loss!r}.")
-        if not 0 <= step <= self.steps:
-            raise ValueError(f"Invalid step: we expect 0..{self.steps}. Got: {step!r}.")
+        Panels: the focus region's error after alignment (:func:`aligned_error_map`) at that
+        step, on the colour scale of step 0, cropped to the region; every region's
+        :func:`aligned_error` relative to step 0 against the step (SSI dashed for comparison),
+        with a line at ``step``.
+
+        Returns:
+            A :class:`matplotlib.figure.Figure` (not managed by pyplot).
+        """
+        from matplotlib.figure import Figure
+
+        from .plotting import show_map
+
+        self._check(loss, level)
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.steps:
+            raise ValueError(f"Invalid step: we expect an integer in [0, {self.steps}]. Got: {step!r}.")
         unit_name, factor = self.unit
-        focus = self.regions[self.focus]
-        rows, cols = torch.nonzero(focus[0], as_tuple=True)
+        focus = {self.focus: self.regions[self.focus]}
+        rows, cols = torch.nonzero(focus[self.focus][0], as_tuple=True)
         crop = (slice(int(rows.min()), int(rows.max()) + 1), slice(int(cols.min()), int(cols.max()) + 1))
-        start = aligned_error_map(self.pred0, self.target, {self.focus: focus})[0][crop] * factor
-        vmax = float(torch.nan_to_num(start, nan=0.0).max())
-        err = aligned_error_map(self.run(loss, level)[step], self.target, {self.focus: focus})[0][crop] * factor
+        start = aligned_error_map(self.pred0, self.target, focus)[0][crop] * factor
+        err = aligned_error_map(self.run(loss, level)[step], self.target, focus)[0][crop] * factor
 
-        fig, (ax_map, ax_curve) = plt.subplots(1, 2, figsize=(9.5, 3.4), dpi=80)
-        im = ax_map.imshow(err.cpu().numpy(), cmap="magma", vmin=0.0, vmax=vmax)
-        ax_map.set_title(f"{self.focus}: error after alignment, step {step}")
-        ax_map.set_xlabel("x (pixels, cropped)")
-        ax_map.set_ylabel("y (pixels, cropped)")
-        fig.colorbar(im, ax=ax_map, label=f"|aligned p - g| ({unit_name})")
+        fig = Figure(figsize=(9.5, 3.2), layout="constrained")
+        ax_map, ax_curve = fig.subplots(1, 2)
+        show_map(
+            ax_map, err, kind="loss", title=f"{self.focus}: error after alignment, step {step}",
+            label=f"|aligned p - g| ({unit_name})", vmax=float(torch.nan_to_num(start, nan=0.0).max()),
+        )
         steps = range(self.steps + 1)
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
         for i, name in enumerate(self.regions):
             color = colors[i % len(colors)]
             ax_curve.plot(steps, _percent_of_start(self.curves(loss, level)[name]), color=color, label=name)
@@ -608,20 +588,40 @@ class DescentExplorer:
         ax_curve.axvline(step, color="0.4", lw=1)
         ax_curve.set_title(self.label(loss, level))
         ax_curve.set_xlabel("gradient-descent step")
-        ax_curve.set_ylabel("aligned error (% of start)")
-        ax_curve.legend(fontsize=8)
-        fig.tight_layout()
+        ax_curve.set_ylabel("aligned error (% of step 0)")
+        ax_curve.legend(fontsize=7)
         return fig
 
-    def _on_change(self, change=None) -> None:
-        import matplotlib.pyplot as plt
-        from IPython.display import clear_output, display
+    def on_change(self, change: dict | None = None) -> None:
+        """Re-render the selection into ``output`` (the controls' callback)."""
+        from IPython import get_ipython
+        from IPython.display import Image, display
+
+        from .plotting import figure_png
 
         self.level.disabled = self.loss.value == "ssi"
         state = (self.loss.value, self.level.value, self.step.value)
         fig = self.render(*state)
-        with self.output:
-            clear_output(wait=True)
-            display(fig)
-        plt.close(fig)
         self.state, self.figure = state, fig
+        self.renders += 1
+        if get_ipython() is None:  # plain Python (tests): nothing to display into
+            return
+        with self.output:
+            self.output.clear_output(wait=True)
+            display(Image(data=figure_png(fig), format="png"))
+
+    def _check(self, loss: str, level: int) -> None:
+        if loss not in LOSS_NAMES:
+            raise ValueError(f"Invalid loss: we expect one of {LOSS_NAMES}. Got: {loss!r}.")
+        if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= self.max_level:
+            raise ValueError(f"Invalid level: we expect an integer in [1, {self.max_level}]. Got: {level!r}.")
+
+
+def _one_image(x: Tensor, name: str) -> Tensor:
+    """``(H, W)``, ``(1, H, W)`` or ``(1, 1, H, W)`` -> detached ``(1, H, W)``."""
+    if isinstance(x, Tensor) and x.dim() == 2:
+        x = x.unsqueeze(0)
+    x = _as_bhw(x, name)
+    if x.shape[0] != 1:
+        raise ValueError(f"Invalid {name} shape: we expect one image (1, H, W). Got: {tuple(x.shape)}.")
+    return x.detach()

@@ -21,6 +21,7 @@ pixels x levels, not with the number of contexts.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -115,15 +116,6 @@ def value_order(x: Tensor, valid: Tensor, batch: int, *, image_major: bool = Tru
     return order
 
 
-def _narrow(x: Tensor, upper: int) -> Tensor:
-    """The same non-negative integers (< ``upper``) in the narrowest dtype that sorts fast."""
-    if upper < 2**15:
-        return x.to(torch.int16)
-    if upper < 2**31:
-        return x.to(torch.int32)
-    return x
-
-
 def resolve_level(level: ContextLevel, valid: Tensor, batch: int) -> Segments:
     """Intersect a level with the valid pixels and number its segments internally.
 
@@ -153,14 +145,56 @@ def resolve_level(level: ContextLevel, valid: Tensor, batch: int) -> Segments:
     return Segments(seg.to(torch.int64), level.pix, slots, dummy.reshape(-1), member)
 
 
-def _ascending(x: Tensor) -> bool:
-    """Whether a 1-D tensor is non-decreasing (a short prefix is tried first)."""
-    if x.numel() < 2:
-        return True
-    head = x[:4097]
-    if not bool((head[1:] >= head[:-1]).all()):
-        return False
-    return bool((x[1:] >= x[:-1]).all())
+def value_rank(order: Tensor) -> Tensor:
+    """The inverse permutation of ``order`` (each entry's rank in value order), int32 where it fits."""
+    n = order.numel()
+    dtype = torch.int32 if n < 2**31 else torch.int64
+    rank = torch.empty(n, dtype=dtype, device=order.device)
+    return rank.index_copy_(0, order.long(), torch.arange(n, dtype=dtype, device=order.device))
+
+
+def _segment_select(rank: Tensor, seg: Tensor, count: Tensor, slots: int) -> Tensor:
+    """The rank of each segment's lower-median entry, found without sorting the entries.
+
+    The ranks are distinct (a permutation). A histogram of (segment, rank bucket) tells,
+    per segment, which bucket holds its ``(n - 1) // 2``-th smallest rank and how many of
+    its entries come before that bucket; only the entries of that bucket are then sorted,
+    a small fraction of all.
+
+    Args:
+        rank: ``(M,)`` distinct ranks in ``[0, N)``.
+        seg: ``(M,)`` int64 segment ids in ``[0, slots)``.
+        count: ``(slots,)`` entries per segment counted for the median (0 = skip).
+        slots: number of segments.
+
+    Returns:
+        ``(slots,)`` int64 median rank (0 where ``count`` is 0).
+    """
+    n_ranks = int(rank.max()) + 1
+    # about 2**18 histogram cells in all, or one bucket per rank when that is fewer
+    buckets = max(1, min(n_ranks, (2**18) // max(slots, 1)))
+    shift = max(0, math.ceil(math.log2(max(n_ranks / buckets, 1))))
+    buckets = (n_ranks - 1 >> shift) + 1
+    bucket = rank >> shift
+    key = seg * buckets
+    key += bucket
+    cells = segment_counts(key, slots * buckets).view(slots, buckets)
+    del key
+    below = torch.cumsum(cells, dim=1)
+    wanted = torch.div(count - 1, 2, rounding_mode="floor").clamp(min=0)
+    target = torch.searchsorted(below, wanted.unsqueeze(1), right=True).squeeze(1).clamp(max=buckets - 1)
+    before = torch.where(target > 0, below.gather(1, (target - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0)
+    candidate = (bucket == target.to(bucket.dtype).index_select(0, seg)).nonzero().squeeze(1)
+    del bucket
+    cand_seg = seg.index_select(0, candidate)
+    cand_rank = rank.index_select(0, candidate).long()
+    ordered = torch.sort(cand_seg * n_ranks + cand_rank).indices  # distinct keys: no ties
+    per_segment = segment_counts(cand_seg, slots)
+    first = torch.cumsum(per_segment, 0) - per_segment
+    pick = (first + wanted - before).clamp(0, max(candidate.numel() - 1, 0))
+    if candidate.numel() == 0:
+        return torch.zeros(slots, dtype=torch.int64, device=seg.device)
+    return torch.where(count > 0, cand_rank.index_select(0, ordered.index_select(0, pick)), 0)
 
 
 def segment_stats(
@@ -191,33 +225,20 @@ def segment_stats(
     if entries_per_slot is None:
         entries_per_slot = segment_counts(seg, slots)
     count = entries_per_slot.masked_fill(segments.dummy, 0)
-    n_entries = seg.numel()
-    if pix is None:
-        # Entries are pixels: walk them in value order; a stable sort by segment id then
-        # lists every segment's values in ascending order. Skip the sort when the ids are
-        # already ascending in that order (interval contexts of the target are).
-        if ascending:
-            by_segment = None
-        else:
-            in_order = _narrow(seg, slots).index_select(0, order)
-            by_segment = None if _ascending(in_order) else torch.sort(in_order, stable=True).indices
-            del in_order
-    else:
-        rank = torch.empty_like(order)
-        rank.index_copy_(0, order, torch.arange(order.numel(), device=order.device))
-        key = seg * order.numel() + rank.index_select(0, pix)
-        by_segment = torch.sort(key, stable=True).indices
-        del rank, key
-    start = torch.cumsum(entries_per_slot, 0) - entries_per_slot  # dummies take their place too
     nonempty = count > 0
-    median_pos = (start + torch.div(count - 1, 2, rounding_mode="floor")).clamp(0, max(n_entries - 1, 0))
-    if n_entries == 0:
+    if seg.numel() == 0:
         median_pixel = torch.zeros(slots, dtype=torch.int64, device=x.device)
+    elif ascending and pix is None:
+        # Segment ids ascend along ``order``: each segment is a run of it, and its median
+        # the middle of the run.
+        start = torch.cumsum(entries_per_slot, 0) - entries_per_slot  # dummies take their place too
+        median_pos = (start + torch.div(count - 1, 2, rounding_mode="floor")).clamp(0, seg.numel() - 1)
+        median_pixel = order.index_select(0, median_pos).long() * nonempty
     else:
-        pos = median_pos if by_segment is None else by_segment.index_select(0, median_pos)
-        median_pixel = (order if pix is None else pix).index_select(0, pos)
-        median_pixel = median_pixel * nonempty
-    del by_segment
+        rank = value_rank(order)
+        entry_rank = rank if pix is None else rank.index_select(0, pix)
+        median_rank = _segment_select(entry_rank, seg, count, slots)
+        median_pixel = order.index_select(0, median_rank).long() * nonempty
     shift = x.index_select(0, median_pixel) * nonempty.to(x.dtype)
     centered = (x if pix is None else x.index_select(0, pix)) - shift.index_select(0, seg)
     abs_dev = x.new_zeros(slots).scatter_add(0, seg, centered.abs())
@@ -265,19 +286,23 @@ def _normalization_backward(
     ``dL/ds = -sum_i r_i x_hat_i / d`` and
     ``dL/dt = -sum_i r_i / d - dL/ds * sum_i sign(x_i - t) / (n + 1)``, which goes to
     the median pixel (unless the median is detached).
+
+    ``r`` and ``centered`` (``x - t`` per entry) are overwritten.
     """
     seg, slots = segments.seg, segments.num_slots
     inv = stats.inv_scale
     n1 = (stats.count + 1).to(r.dtype)
+    sign = torch.sign(centered).to(torch.int8)
+    sum_r = _segment_sum(seg, r, slots) if through_median else None
     # sum_i r_i x_hat_i / d = inv**2 * sum_i r_i (x_i - t)
-    d_scale_per_n = -_segment_sum(seg, r * centered, slots) * inv * inv / n1  # 0 at dummies
-    sign = torch.sign(centered)
-    per_entry = r * inv.index_select(0, seg)
-    per_entry += d_scale_per_n.index_select(0, seg) * sign
+    d_scale_per_n = -_segment_sum(seg, centered.mul_(r), slots) * inv * inv / n1  # 0 at dummies
+    del centered
+    per_entry = r.mul_(inv.index_select(0, seg))
+    per_entry += d_scale_per_n.index_select(0, seg).mul_(sign)
     _accumulate(grad_x, per_entry, segments.pix)
+    del per_entry
     if through_median:
-        sum_r = _segment_sum(seg, r, slots)
-        sum_sign = _segment_sum(seg, sign, slots)
+        sum_sign = _segment_sum(seg, sign.to(r.dtype), slots)
         d_shift = (-sum_r * inv - d_scale_per_n * sum_sign) * (stats.count > 0)
         grad_x.index_add_(0, stats.median_pixel, d_shift)
 
@@ -313,7 +338,7 @@ class HierarchicalSSI(torch.autograd.Function):
         target_sorted = target_sorted and getattr(contexts, "sorted_by_target_order", False)
         pooled = contexts.aggregation == "pooled"
         loss_sum = torch.zeros_like(p)
-        in_contexts = torch.zeros_like(p)
+        in_contexts = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)  # levels per pixel
         saved = []
         pooled_total = zero.clone()
         n_pairs = 0
@@ -326,6 +351,7 @@ class HierarchicalSSI(torch.autograd.Function):
             diff = p_hat.mul_(inv_scales[:, 0]).sub_(g_hat.mul_(inv_scales[:, 1]))
             del inv_scales
             del g_hat
+            del p_hat
             saved.append((sp, sg, torch.sign(diff).to(torch.int8)))
             entry_loss = diff.abs_()  # 0 outside contexts, where both are 0
             if pooled:
@@ -333,17 +359,18 @@ class HierarchicalSSI(torch.autograd.Function):
                 n_pairs += int(sp.count.sum())
             else:
                 _accumulate(loss_sum, entry_loss, segments.pix)
-                _accumulate(in_contexts, segments.member.to(p.dtype), segments.pix)
-            del entry_loss, diff, segments
+                _accumulate(in_contexts, segments.member.to(torch.uint8), segments.pix)
+            del entry_loss, diff, segments, entries_per_slot
         del order_p, order_g
         n_valid = int(valid.sum())
         if pooled:
             loss = pooled_total / n_pairs if n_pairs else zero
             weight = torch.full_like(p, 1.0 / n_pairs) if n_pairs else torch.zeros_like(p)
         else:
-            in_contexts.clamp_(min=1)
-            loss = loss_sum.div_(in_contexts).sum() / n_valid if n_valid else zero
-            weight = in_contexts.reciprocal_().mul_(1.0 / n_valid) if n_valid else torch.zeros_like(p)
+            weight = in_contexts.clamp_(min=1).to(p.dtype).reciprocal_()
+            del in_contexts
+            loss = loss_sum.mul_(weight).sum() / n_valid if n_valid else zero
+            weight = weight.mul_(1.0 / n_valid) if n_valid else weight.zero_()
         del loss_sum
         ctx.contexts = contexts
         ctx.saved = saved
@@ -359,18 +386,20 @@ class HierarchicalSSI(torch.autograd.Function):
         grad_p = torch.zeros_like(p) if need_p else None
         grad_g = torch.zeros_like(g) if need_g else None
         if need_p or need_g:
-            scaled_weight = weight * grad_output
             for level_index, (sp, sg, diff_sign) in enumerate(ctx.saved):
                 segments = resolve_level(contexts.level(level_index), valid, B)
-                w = scaled_weight if segments.pix is None else scaled_weight.index_select(0, segments.pix)
-                r = w * diff_sign  # d loss / d p_hat; 0 outside contexts
-                if need_p:
-                    centered = center_entries(p, sp, segments)
-                    _normalization_backward(
-                        r, centered, sp, segments, grad_p, through_median=not contexts.detach_pred_median
-                    )
+                w = weight if segments.pix is None else weight.index_select(0, segments.pix)
+                # d loss / d p_hat (0 outside contexts); d loss / d g_hat is its negative
+                r = diff_sign.to(w.dtype).mul_(w).mul_(grad_output)
                 if need_g:
-                    centered = center_entries(g, sg, segments)
-                    _normalization_backward(-r, centered, sg, segments, grad_g, through_median=True)
+                    _normalization_backward(
+                        -r, center_entries(g, sg, segments), sg, segments, grad_g, through_median=True
+                    )
+                if need_p:
+                    _normalization_backward(
+                        r, center_entries(p, sp, segments), sp, segments, grad_p,
+                        through_median=not contexts.detach_pred_median,
+                    )
+                del r, segments
         ctx.saved = None
         return grad_p, grad_g, None, None

@@ -5,8 +5,10 @@ Each scene is a 64 x 64 (or any size) view of
 - a **far background**: hilly terrain 15-60 m away (inverse depth linear in the image row,
   as for a ground plane, plus low-frequency relief), sometimes a far building, and a sky
   above a wavy skyline;
-- two to four **near objects** 1-3 m away with **fine relief** of a few cm to a few dm:
-  stepped boxes, domes with bumps, corrugated panels, and thin poles / fence bars.
+- **near objects** 1-3 m away, covering about 35-55 % of the non-sky pixels, with **fine
+  relief** of a few cm to a few dm: stepped boxes, domes with bumps, corrugated panels, and
+  thin poles / fence bars. Nearer objects sit lower in the image and look larger (they have
+  sizes in metres), and their textures have a fixed period in metres.
 
 So the depth range of an image is dominated by the background, and image-level
 normalisation squeezes the near relief into a tiny part of the normalised range: the
@@ -124,14 +126,14 @@ def _place(rng: np.random.Generator, W: int, H: int) -> tuple[float, float, floa
     """
     z0 = rng.uniform(1.0, 3.0)
     uc = rng.uniform(0.1, 0.9) * W
-    vc = (0.8 - 0.15 * (z0 - 1) + rng.uniform(-0.08, 0.08)) * H
+    vc = (0.8 - 0.15 * (z0 - 1) + rng.uniform(-0.05, 0.05)) * H
     return z0, uc, vc
 
 
 def _box(rng, u, v, f, W, H):
-    """A tilted box face, 30-80 cm wide, with 2-4 steps of 2-15 cm."""
+    """A tilted box face, 40-70 cm wide, with 2-4 steps of 2-15 cm."""
     z0, uc, vc = _place(rng, W, H)
-    hw, hh = rng.uniform(0.15, 0.4) * f / z0, rng.uniform(0.15, 0.35) * f / z0
+    hw, hh = rng.uniform(0.2, 0.35) * f / z0, rng.uniform(0.15, 0.3) * f / z0
     inside = (np.abs(u - uc) < hw) & (np.abs(v - vc) < hh)
     # the face is tilted by up to +-20 cm across, so that its shading varies
     z = z0 + rng.uniform(-0.2, 0.2) * (u - uc) / hw + rng.uniform(-0.2, 0.2) * (v - vc) / hh
@@ -145,9 +147,9 @@ def _box(rng, u, v, f, W, H):
 
 
 def _dome(rng, u, v, f, W, H):
-    """A (flattened) sphere of 15-35 cm radius with 3-8 Gaussian bumps of 1-8 cm."""
+    """A (flattened) sphere of 18-30 cm radius with 3-8 Gaussian bumps of 1-8 cm."""
     z0, uc, vc = _place(rng, W, H)
-    radius_m = rng.uniform(0.15, 0.35)
+    radius_m = rng.uniform(0.18, 0.3)
     r = radius_m * f / z0
     rho2 = ((u - uc) ** 2 + (v - vc) ** 2) / r**2
     inside = rho2 < 1
@@ -161,9 +163,9 @@ def _dome(rng, u, v, f, W, H):
 
 
 def _panel(rng, u, v, f, W, H):
-    """A slanted panel, 50-100 cm wide, with a corrugation of 1-5 cm and a raised frame."""
+    """A slanted panel, 60-90 cm wide, with a corrugation of 1-5 cm and a raised frame."""
     z0, uc, vc = _place(rng, W, H)
-    hw, hh = rng.uniform(0.25, 0.5) * f / z0, rng.uniform(0.15, 0.3) * f / z0
+    hw, hh = rng.uniform(0.3, 0.45) * f / z0, rng.uniform(0.15, 0.25) * f / z0
     inside = (np.abs(u - uc) < hw) & (np.abs(v - vc) < hh)
     z = z0 + rng.uniform(-0.3, 0.3) * (u - uc) / hw
     angle = rng.uniform(0, np.pi)
@@ -258,16 +260,16 @@ def _render(
         depth = np.where(building, b_depth + 0.02 * (u - bu), depth)
         label = np.where(building, 2, label)
 
-    # near objects with fine relief, composited by a z-buffer
-    kinds = [int(k) for k in rng.integers(0, len(_OBJECTS), int(rng.integers(2, 5)))]
-    if all(k == 3 for k in kinds):  # make sure something solid is in front
-        kinds[0] = int(rng.integers(0, 3))
-    centres = []
-    for k, kind in enumerate(kinds):
+    # near objects with fine relief, composited by a z-buffer, until they cover 35-55 % of the
+    # non-sky pixels (so that the nearest quarter of every scene lies on near objects)
+    min_cover, kinds, centres = rng.uniform(0.35, 0.55), [], []
+    while len(kinds) < 2 or (len(kinds) < 12 and (label >= 3).sum() < min_cover * (label != 0).sum()):
+        kind = int(rng.integers(0, len(_OBJECTS) if kinds else len(_OBJECTS) - 1))  # solid first
         inside, z, centre = _OBJECTS[kind](rng, u, v, f, W, H)
         closer = inside & (np.maximum(z, 0.5) < depth)
         depth = np.where(closer, np.maximum(z, 0.5), depth)
-        label = np.where(closer, 3 + k, label)
+        label = np.where(closer, 3 + len(kinds), label)
+        kinds.append(kind)
         centres.append(centre)
 
     finite = np.where(sky & (label == 0), _MAX_DEPTH, depth)
@@ -282,7 +284,7 @@ def _render(
     texture = 1 + 0.25 * _value_noise(rng, H, W, 8)  # background: mottled
     for k, (cu, cv, cz) in enumerate(centres):
         X, Y = (points[0] - (cu - (W - 1) / 2) / f * cz), (points[1] - (cv - (H - 1) / 2) / f * cz)
-        period = rng.uniform(0.08, 0.12)  # in metres: finer in the image when farther
+        period = 0.1  # metres: the texture is finer in the image when the object is farther
         style = int(rng.integers(0, 3))
         if style == 0:  # checker
             pattern = np.sign(np.sin(2 * np.pi * X / period) * np.sin(2 * np.pi * Y / period))
