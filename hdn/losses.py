@@ -152,7 +152,7 @@ def gradient_matching_loss(
         raise ValueError(f"Invalid scales: we expect an integer >= 1. Got: {scales!r}.")
     p, g, valid = check_depth_inputs(pred, target, mask)
     residual = ssi_normalize(p, valid) - ssi_normalize(g, valid)
-    total = residual.new_zeros(())
+    total = residual.sum() * 0  # keeps the graph: a batch without valid pixels gets a zero gradient
     for k in range(scales):
         step = 2**k
         r, v = residual[:, ::step, ::step], valid[:, ::step, ::step]
@@ -208,7 +208,12 @@ class GradientMatchingLoss(nn.Module):
 
     def __init__(self, scales: int = 4):
         super().__init__()
+        if isinstance(scales, bool) or not isinstance(scales, int) or scales < 1:
+            raise ValueError(f"Invalid scales: we expect an integer >= 1. Got: {scales!r}.")
         self.scales = scales
+
+    def extra_repr(self) -> str:
+        return f"scales={self.scales}"
 
     def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         return gradient_matching_loss(pred, target, mask, scales=self.scales)

@@ -203,6 +203,7 @@ def segment_stats(
     segments: Segments,
     entries_per_slot: Tensor | None = None,
     *,
+    rank: Tensor | None = None,
     ascending: bool = False,
 ) -> tuple[SegmentStats, Tensor]:
     """Median shift and mean-absolute-deviation scale of every segment of a level.
@@ -215,6 +216,7 @@ def segment_stats(
         order: ``value_order(x, ...)``.
         segments: the level, resolved.
         entries_per_slot: ``bincount(segments.seg)`` if already known.
+        rank: ``value_rank(order)`` if already known.
         ascending: the caller knows that the segment ids are non-decreasing along ``order``
             (e.g. depth intervals along the target's value order), so no sort is needed.
 
@@ -235,7 +237,8 @@ def segment_stats(
         median_pos = (start + torch.div(count - 1, 2, rounding_mode="floor")).clamp(0, seg.numel() - 1)
         median_pixel = order.index_select(0, median_pos).long() * nonempty
     else:
-        rank = value_rank(order)
+        if rank is None:
+            rank = value_rank(order)
         entry_rank = rank if pix is None else rank.index_select(0, pix)
         median_rank = _segment_select(entry_rank, seg, count, slots)
         median_pixel = order.index_select(0, median_rank).long() * nonempty
@@ -329,6 +332,8 @@ class HierarchicalSSI(torch.autograd.Function):
         p = torch.where(valid, pred, zero)
         g = torch.where(valid, target, zero)
         order_p = value_order(p, valid, B, image_major=False)
+        rank_p = value_rank(order_p)
+        order_p = order_p.to(rank_p.dtype)  # only a few entries are read from now on
         # Contexts built from the target may carry its value order (same valid pixels).
         order_g = getattr(contexts, "target_order", None)
         target_sorted = order_g is not None and torch.equal(valid, contexts.valid.reshape(-1))
@@ -336,6 +341,7 @@ class HierarchicalSSI(torch.autograd.Function):
             order_g = value_order(g, valid, B)
         # levels whose ids ascend along the target's order need no sort for its medians
         target_sorted = target_sorted and getattr(contexts, "sorted_by_target_order", False)
+        rank_g = None if target_sorted else value_rank(order_g)
         pooled = contexts.aggregation == "pooled"
         loss_sum = torch.zeros_like(p)
         in_contexts = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)  # levels per pixel
@@ -345,8 +351,10 @@ class HierarchicalSSI(torch.autograd.Function):
         for level_index in range(contexts.num_levels):
             segments = resolve_level(contexts.level(level_index), valid, B)
             entries_per_slot = segment_counts(segments.seg, segments.num_slots)
-            sp, p_hat = segment_stats(p, order_p, segments, entries_per_slot)
-            sg, g_hat = segment_stats(g, order_g, segments, entries_per_slot, ascending=target_sorted)
+            sp, p_hat = segment_stats(p, order_p, segments, entries_per_slot, rank=rank_p)
+            sg, g_hat = segment_stats(
+                g, order_g, segments, entries_per_slot, rank=rank_g, ascending=target_sorted
+            )
             inv_scales = torch.stack([sp.inv_scale, sg.inv_scale], dim=1).index_select(0, segments.seg)
             diff = p_hat.mul_(inv_scales[:, 0]).sub_(g_hat.mul_(inv_scales[:, 1]))
             del inv_scales
@@ -361,7 +369,7 @@ class HierarchicalSSI(torch.autograd.Function):
                 _accumulate(loss_sum, entry_loss, segments.pix)
                 _accumulate(in_contexts, segments.member.to(torch.uint8), segments.pix)
             del entry_loss, diff, segments, entries_per_slot
-        del order_p, order_g
+        del order_p, order_g, rank_p, rank_g
         n_valid = int(valid.sum())
         if pooled:
             loss = pooled_total / n_pairs if n_pairs else zero

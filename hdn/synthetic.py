@@ -263,7 +263,9 @@ def _render(
     # near objects with fine relief, composited by a z-buffer, until they cover 35-55 % of the
     # non-sky pixels (so that the nearest quarter of every scene lies on near objects)
     min_cover, kinds, centres = rng.uniform(0.35, 0.55), [], []
-    while len(kinds) < 2 or (len(kinds) < 12 and (label >= 3).sum() < min_cover * (label != 0).sum()):
+    while len(kinds) < 2 or (
+        len(kinds) < 12 and (label >= 3).sum() < min_cover * (label != 0).sum()
+    ):
         kind = int(rng.integers(0, len(_OBJECTS) if kinds else len(_OBJECTS) - 1))  # solid first
         inside, z, centre = _OBJECTS[kind](rng, u, v, f, W, H)
         closer = inside & (np.maximum(z, 0.5) < depth)
@@ -349,7 +351,12 @@ def _decode(rgb_u8: np.ndarray, depth_mm: np.ndarray, scale: np.ndarray, shift: 
 
 
 def _seed_tuple(seed: SeedLike) -> tuple[int, ...]:
-    seeds = (seed,) if isinstance(seed, (int, np.integer)) else tuple(seed)
+    if isinstance(seed, (int, np.integer)):
+        seeds: tuple = (seed,)
+    elif isinstance(seed, (Sequence, np.ndarray)):
+        seeds = tuple(seed)
+    else:
+        seeds = ()
     if not seeds or any(
         isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in seeds
     ):
