@@ -99,7 +99,9 @@ def hdn_loss(
         context: ``"dr"`` (depth range), ``"dp"`` (depth percentile), ``"ds"`` (spatial grid),
             or a :class:`hdn.contexts.Contexts` built for this batch (random variants, label
             maps, ...); then ``levels`` is ignored.
-        levels: hierarchy depth ``L >= 1``; ``L = 1`` is :func:`ssi_loss`.
+        levels: hierarchy depth ``L >= 1``. With ``"ds"``, ``L = 1`` is :func:`ssi_loss`; with
+            ``"dr"``/``"dp"`` level 0 still leaves the maximum-depth pixels out (released
+            behaviour), so ``L = 1`` differs from :func:`ssi_loss` by those pixels.
 
     Returns:
         scalar; 0 with zero gradient when the batch has no valid pixel.

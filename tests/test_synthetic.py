@@ -27,14 +27,16 @@ README = ROOT / "data" / "README.md"
 
 def _readme_section() -> str:
     text = README.read_text()
-    match = re.search(r"^## Toy RGB-D split\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
+    match = re.search(
+        r"^## Toy RGB-D split\n(.*?)(?=^## |\Z)", text, flags=re.DOTALL | re.MULTILINE
+    )
     assert match, "data/README.md has no '## Toy RGB-D split' section"
     return match.group(1)
 
 
 def _readme_command_and_checksum() -> tuple[list[str], str]:
     section = _readme_section()
-    command = re.search(r"^(python -m hdn\.synthetic .+)$", section, flags=re.M)
+    command = re.search(r"^(python -m hdn\.synthetic .+)$", section, flags=re.MULTILINE)
     checksum = re.search(r"\b([0-9a-f]{64})\b", section)
     assert command and checksum, "the README section must state the command and the sha256"
     return shlex.split(command.group(1)), checksum.group(1)
@@ -72,7 +74,9 @@ def test_scenes_have_near_relief_far_background_and_invalid_pixels():
         near, far = d[v & (d < 4)], d[v & (d >= 15)]
         assert near.size > 0.03 * d.size and far.size > 0.1 * d.size
         assert 0.01 < np.std(near) < 1.5  # cm..dm relief and object offsets, not metres
-    assert np.ptp(split["scale"]) > 1 and np.ptp(split["shift"]) > 1  # unknown per-scene affine maps
+    assert (
+        np.ptp(split["scale"]) > 1 and np.ptp(split["shift"]) > 1
+    )  # unknown per-scene affine maps
 
 
 def test_haze_makes_far_pixels_less_saturated():
@@ -92,8 +96,8 @@ def test_save_load_round_trip_is_exact_and_needs_no_pickle(tmp_path):
         assert all(npz[name].dtype != object for name in npz.files)
     loaded = load_split(tmp_path / "a.npz")
     assert set(loaded) == {"train", "test"}
-    for split in splits:
-        for key, value in splits[split].items():
+    for split, arrays in splits.items():
+        for key, value in arrays.items():
             assert loaded[split][key].dtype == value.dtype
             assert np.array_equal(loaded[split][key], value, equal_nan=True), (split, key)
     save_split(tmp_path / "b.npz", splits)  # fixed zip timestamps: same arrays, same bytes
@@ -115,7 +119,9 @@ def test_arrays_sha256_depends_on_names_dtypes_and_values():
     assert arrays_sha256(a) != arrays_sha256({"x": np.arange(1, 5, dtype=np.int32)})
 
 
-@pytest.mark.parametrize("bad", [{"seed": -1}, {"seed": 1.5}, {"seed": 0, "height": 4}, {"seed": [], "width": 8}])
+@pytest.mark.parametrize(
+    "bad", [{"seed": -1}, {"seed": 1.5}, {"seed": 0, "height": 4}, {"seed": [], "width": 8}]
+)
 def test_make_scene_rejects_bad_arguments(bad):
     with pytest.raises(ValueError):
         make_scene(**bad)
@@ -125,7 +131,12 @@ def test_committed_split_matches_the_checksum_in_the_readme():
     _, checksum = _readme_command_and_checksum()
     assert file_sha256(DATA) == checksum
     data = load_split(DATA)
-    assert data["train"]["rgb"].shape == (256, 3, 64, 64) and data["test"]["rgb"].shape == (64, 3, 64, 64)
+    assert data["train"]["rgb"].shape == (256, 3, 64, 64) and data["test"]["rgb"].shape == (
+        64,
+        3,
+        64,
+        64,
+    )
     assert DATA.stat().st_size < 8e6
 
 
@@ -135,7 +146,10 @@ def test_committed_scenes_are_those_make_scene_draws():
         seed = tuple(int(s) for s in data[split]["scene_seed"][index])
         scene = make_scene(seed, 64, 64)
         for key in ("rgb", "depth", "valid", "gt"):
-            assert np.array_equal(getattr(scene, key), data[split][key][index], equal_nan=True), (split, key)
+            assert np.array_equal(getattr(scene, key), data[split][key][index], equal_nan=True), (
+                split,
+                key,
+            )
 
 
 def test_readme_command_regenerates_the_committed_split_bit_for_bit(tmp_path):
@@ -144,7 +158,12 @@ def test_readme_command_regenerates_the_committed_split_bit_for_bit(tmp_path):
     out = argv.index("--out") + 1
     argv[out] = str(tmp_path / "regenerated.npz")
     result = subprocess.run(
-        [sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, *argv[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     assert checksum in result.stdout
     assert file_sha256(tmp_path / "regenerated.npz") == checksum
