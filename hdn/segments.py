@@ -409,5 +409,4 @@ class HierarchicalSSI(torch.autograd.Function):
                         through_median=not contexts.detach_pred_median,
                     )
                 del r, segments
-        ctx.saved = None
         return grad_p, grad_g, None, None
