@@ -62,7 +62,7 @@ def check_depth_inputs(
             )
     valid = torch.isfinite(g)
     if mask is not None:
-        m = _as_bhw(mask, "mask") if isinstance(mask, Tensor) else _as_bhw(mask, "mask")
+        m = _as_bhw(mask, "mask")
         if m.shape != p.shape:
             raise ValueError(
                 f"Invalid mask shape: we expect the shape of pred {tuple(pred.shape)}. "

@@ -171,7 +171,7 @@ def _beyond_reference(device: str) -> None:
             loss = hdn.hdn_loss(p, g, context=case, levels=4)
             loss.backward()
             row.append(f"{case} {loss.item():.4f}")
-        print(f"{str(dtype):>15}: " + ", ".join(row) + f"; grad dtype {p.grad.dtype}, finite {bool(torch.isfinite(p.grad).all())}")
+        print(f"{dtype!s:>15}: " + ", ".join(row) + f"; grad dtype {p.grad.dtype}, finite {bool(torch.isfinite(p.grad).all())}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,20 +33,20 @@ from ._validation import _as_bhw, check_levels
 from .segments import ContextLevel, value_order
 
 __all__ = [
+    "CONTEXT_NAMES",
     "Contexts",
-    "IntervalContexts",
     "GridContexts",
+    "IntervalContexts",
     "LabelContexts",
     "PairContexts",
-    "whole_image",
-    "depth_range",
-    "depth_percentile",
-    "spatial_grid",
-    "random_depth_intervals",
-    "random_crops",
-    "from_labels",
     "build",
-    "CONTEXT_NAMES",
+    "depth_percentile",
+    "depth_range",
+    "from_labels",
+    "random_crops",
+    "random_depth_intervals",
+    "spatial_grid",
+    "whole_image",
 ]
 
 CONTEXT_NAMES = ("dr", "dp", "ds")
@@ -521,7 +521,7 @@ class PairContexts(Contexts):
 
 def _pairs_from_membership(member: Tensor) -> tuple[Tensor, Tensor]:
     """``member`` (K, B, P) bool -> flat pixel indices and context indices ``k``."""
-    K, B, P = member.shape
+    P = member.shape[2]
     k, b, i = member.nonzero(as_tuple=True)
     return b * P + i, k
 

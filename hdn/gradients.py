@@ -20,6 +20,7 @@ All maps are ``(B, H, W)``; inputs may also be ``(B, 1, H, W)``.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -593,10 +594,12 @@ class DescentExplorer:
         return fig
 
     def on_change(self, change: dict | None = None) -> None:
-        """Re-render the selection into ``output`` (the controls' callback)."""
-        from IPython import get_ipython
-        from IPython.display import Image, display
+        """Re-render the selection into ``output`` (the controls' callback).
 
+        The PNG is written into the ``Output`` widget's ``outputs`` state (what
+        ``Output.append_display_data`` does), so no display message is sent to the notebook and
+        the callback behaves the same in a kernel, under nbval and in plain Python.
+        """
         from .plotting import figure_png
 
         self.level.disabled = self.loss.value == "ssi"
@@ -604,11 +607,11 @@ class DescentExplorer:
         fig = self.render(*state)
         self.state, self.figure = state, fig
         self.renders += 1
-        if get_ipython() is None:  # plain Python (tests): nothing to display into
-            return
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(Image(data=figure_png(fig), format="png"))
+        png = base64.b64encode(figure_png(fig)).decode("ascii")
+        text = f"{self.label(state[0], state[1])}, step {state[2]}"
+        self.output.outputs = (
+            {"output_type": "display_data", "data": {"image/png": png, "text/plain": text}, "metadata": {}},
+        )
 
     def _check(self, loss: str, level: int) -> None:
         if loss not in LOSS_NAMES:

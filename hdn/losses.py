@@ -11,13 +11,13 @@ from .normalization import ssi_normalize
 from .segments import HierarchicalSSI
 
 __all__ = [
-    "ssi_loss",
-    "hdn_loss",
+    "GradientMatchingLoss",
+    "HDNLoss",
+    "SSILoss",
     "contexts_loss",
     "gradient_matching_loss",
-    "SSILoss",
-    "HDNLoss",
-    "GradientMatchingLoss",
+    "hdn_loss",
+    "ssi_loss",
 ]
 
 

@@ -9,7 +9,7 @@ from ._validation import _as_bhw, stats_dtype
 from .contexts import Contexts
 from .segments import resolve_level, segment_stats, value_order
 
-__all__ = ["ssi_normalize", "context_normalize"]
+__all__ = ["context_normalize", "ssi_normalize"]
 
 
 def _flat_inputs(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, tuple[int, ...]]:

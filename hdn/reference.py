@@ -169,7 +169,7 @@ def ssi_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor
 def gradient_matching_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None, scales: int = 4) -> Tensor:
     """SPEC 6, pixel by pixel."""
     valid = valid_mask(target, mask)
-    B, H, W = pred.shape
+    B = pred.shape[0]
     zero = torch.zeros((), dtype=pred.dtype)
     g = torch.where(valid, target, zero)
     residual = torch.stack([

@@ -1,0 +1,397 @@
+"""A small reproduction of the paper's loss ablation on the toy RGB-D split.
+
+Trains the U-Net of :mod:`hdn.models` with every loss variant of :data:`hdn.train.LOSS_NAMES`
+and several seeds, evaluates each run on the test split (AbsRel, delta1 after image-level
+least-squares alignment; :func:`hdn.metrics.fine_detail_error` on the nearest quarter of the
+pixels), and writes one JSON row per run plus a bar figure of mean +- std per loss::
+
+    python -m hdn.experiments.toy_ablation --steps 500 --seeds 0 1 2 \\
+        --losses ssi hdn-dr hdn-dp hdn-ds hdn-rdi hdn-rc --levels 3 --jobs 2 \\
+        --out data/results/toy_ablation.json --figure data/results/toy_ablation.png
+
+Each run trains in a worker process with one thread (``torch.set_num_threads(1)``);
+``--jobs`` workers run at once. The JSON file is rewritten after every finished run, so
+an interrupted ablation keeps what it has, and a second call with the same options skips
+the runs already in the file (``--overwrite`` starts afresh).
+
+From Python (the notebook)::
+
+    from hdn.experiments.toy_ablation import load_results, summarize, format_table
+    meta, rows = load_results("data/results/toy_ablation.json")
+    print(format_table(summarize(rows)))
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..train import LOSS_NAMES, TrainConfig, train
+
+__all__ = [
+    "METRICS",
+    "ROW_KEYS",
+    "format_table",
+    "load_results",
+    "main",
+    "plot_summary",
+    "run_one",
+    "summarize",
+]
+
+#: Keys of a result row, in the order they are written.
+ROW_KEYS = (
+    "loss", "levels", "seed", "steps", "batch_size",
+    "abs_rel", "delta1", "rmse", "fine_detail_error", "train_loss",
+    "wall_time_s", "train_time_s", "torch", "device", "threads",
+)  # fmt: skip
+
+#: Metrics that :func:`summarize` and :func:`plot_summary` report, with "lower is better".
+METRICS = {"abs_rel": True, "delta1": False, "fine_detail_error": True}
+
+_LABELS = {
+    "abs_rel": "AbsRel (image-level alignment)",
+    "delta1": "delta1 = share with ratio < 1.25",
+    "fine_detail_error": "fine-detail error (near 25 %)",
+}
+
+_SCHEMA_VERSION = 1
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def run_one(options: Mapping[str, object], threads: int = 1) -> dict[str, object]:
+    """Train and evaluate one run; returns its result row (keys :data:`ROW_KEYS`).
+
+    Args:
+        options: keyword arguments of :class:`hdn.train.TrainConfig` (``loss``, ``levels``,
+            ``seed``, ``steps``, ...); ``out_dir`` and ``resume`` are not allowed.
+        threads: ``torch.set_num_threads`` for the run (restored afterwards).
+    """
+    if "out_dir" in options or "resume" in options:
+        raise ValueError("Invalid options: an ablation run writes no checkpoint (out_dir, resume).")
+    config = TrainConfig(**options)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = train(config, progress=False)
+    finally:
+        torch.set_num_threads(previous)
+    m = result.metrics
+    row = {
+        "loss": config.loss,
+        "levels": config.levels,
+        "seed": config.seed,
+        "steps": int(m["steps"]),
+        "batch_size": config.batch_size,
+        "abs_rel": m["abs_rel"],
+        "delta1": m["delta1"],
+        "rmse": m["rmse"],
+        "fine_detail_error": m["fine_detail_error"],
+        "train_loss": m["train_loss"],
+        "wall_time_s": round(m["wall_time_s"], 2),
+        "train_time_s": round(m["train_time_s"], 2),
+        "torch": torch.__version__,
+        "device": str(next(result.model.parameters()).device),
+        "threads": threads,
+    }
+    return {k: row[k] for k in ROW_KEYS}
+
+
+def _run_key(row: Mapping[str, object]) -> tuple:
+    return (row["loss"], row["levels"], row["seed"], row["steps"], row["batch_size"])
+
+
+def _sort_key(row: Mapping[str, object]) -> tuple:
+    loss = row["loss"]
+    order = LOSS_NAMES.index(loss) if loss in LOSS_NAMES else len(LOSS_NAMES)
+    return (order, str(loss), row["levels"], row["steps"], row["seed"])
+
+
+# --------------------------------------------------------------------------- files
+
+
+def load_results(path: str | os.PathLike) -> tuple[dict[str, object], list[dict[str, object]]]:
+    """Read an ablation file: returns ``(meta, rows)``."""
+    report = json.loads(Path(path).read_text())
+    if not isinstance(report, dict) or "rows" not in report or "meta" not in report:
+        raise ValueError(f"Invalid results file {path}: we expect an object with 'meta' and 'rows'.")
+    return report["meta"], report["rows"]
+
+
+def _write_json(path: Path, meta: Mapping[str, object], rows: Iterable[Mapping[str, object]]) -> None:
+    rows = sorted(rows, key=_sort_key)
+    report = {
+        "meta": {k: meta[k] for k in sorted(meta)},
+        "rows": [{k: row[k] for k in ROW_KEYS} for row in rows],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarize(
+    rows: Sequence[Mapping[str, object]], metrics: Sequence[str] = tuple(METRICS)
+) -> list[dict[str, object]]:
+    """Mean and sample standard deviation (``ddof=1``) of each metric per loss.
+
+    Rows are grouped by ``(loss, levels, steps)``; groups come out in the order of
+    :data:`hdn.train.LOSS_NAMES`. A group of one run has std NaN.
+
+    Returns:
+        one dict per group with ``loss``, ``levels``, ``steps``, ``n`` (number of runs),
+        ``seeds`` and, for each metric ``m``, ``m_mean`` and ``m_std``; plus
+        ``wall_time_s_mean``.
+
+    Examples:
+        >>> rows = [{"loss": "ssi", "levels": 3, "steps": 9, "seed": s, "abs_rel": a,
+        ...          "delta1": 0.5, "fine_detail_error": 0.1, "wall_time_s": 1.0}
+        ...         for s, a in ((0, 1.0), (1, 3.0))]
+        >>> table = summarize(rows)
+        >>> table[0]["abs_rel_mean"], table[0]["abs_rel_std"], table[0]["n"]
+        (2.0, 1.4142135623730951, 2)
+    """
+    groups: dict[tuple, list[Mapping[str, object]]] = {}
+    for row in sorted(rows, key=lambda r: _sort_key({"seed": 0, **r})):
+        groups.setdefault((row["loss"], row["levels"], row["steps"]), []).append(row)
+    table = []
+    for (loss, levels, steps), members in groups.items():
+        entry: dict[str, object] = {
+            "loss": loss,
+            "levels": levels,
+            "steps": steps,
+            "n": len(members),
+            "seeds": [r.get("seed") for r in members],
+        }
+        for name in (*metrics, "wall_time_s"):
+            values = np.array([float(r[name]) for r in members if name in r], dtype=np.float64)
+            entry[f"{name}_mean"] = float(values.mean()) if len(values) else math.nan
+            if name != "wall_time_s":
+                entry[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        table.append(entry)
+    return table
+
+
+def format_table(
+    summary: Sequence[Mapping[str, object]],
+    metrics: Sequence[str] = tuple(METRICS),
+    digits: int = 3,
+) -> str:
+    """The summary of :func:`summarize` as an aligned text table (``mean +- std``).
+
+    Examples:
+        >>> print(format_table([{"loss": "ssi", "levels": 3, "steps": 9, "n": 2,
+        ...     "abs_rel_mean": 2.0, "abs_rel_std": 1.41421}], metrics=["abs_rel"]))
+        loss    levels  steps  n  abs_rel
+        ssi          3      9  2  2.000 +- 1.414
+    """
+    header = ["loss", "levels", "steps", "n", *metrics]
+    lines = []
+    for entry in summary:
+        cells = [str(entry["loss"]), str(entry["levels"]), str(entry["steps"]), str(entry["n"])]
+        for name in metrics:
+            mean, std = entry[f"{name}_mean"], entry[f"{name}_std"]
+            cells.append(f"{mean:.{digits}f} +- {std:.{digits}f}")
+        lines.append(cells)
+    widths = [max(len(c) for c in column) for column in zip(header, *lines)]
+    right = {1, 2, 3}  # numbers of runs and options are right-aligned
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    return "\n".join([fmt(header), *(fmt(c) for c in lines)])
+
+
+def plot_summary(
+    rows: Sequence[Mapping[str, object]],
+    metrics: Sequence[str] = tuple(METRICS),
+    title: str | None = None,
+):
+    """Bars of mean +- std per loss for each metric, with every run as a dot.
+
+    Returns:
+        the matplotlib ``Figure``.
+    """
+    import matplotlib.pyplot as plt
+
+    summary = summarize(rows, metrics)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    names = [f"{e['loss']}" for e in summary]
+    x = np.arange(len(summary))
+    colors = plt.get_cmap("tab10")(np.arange(len(summary)) % 10)
+    for ax, name in zip(axes[0], metrics):
+        means = np.array([e[f"{name}_mean"] for e in summary])
+        stds = np.nan_to_num(np.array([e[f"{name}_std"] for e in summary]))
+        ax.bar(x, means, yerr=stds, color=colors, alpha=0.75, capsize=4, label="mean +- std")
+        for i, e in enumerate(summary):
+            values = [
+                float(r[name])
+                for r in rows
+                if (r["loss"], r["levels"], r["steps"]) == (e["loss"], e["levels"], e["steps"])
+            ]
+            ax.plot(np.full(len(values), i), values, "k.", ms=4)
+        better = "lower" if METRICS.get(name, True) else "higher"
+        ax.set_title(f"{name} ({better} is better)")
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set_xlabel("training loss")
+        ax.set_ylabel(_LABELS.get(name, name) + " [unitless]")
+        ax.grid(axis="y", alpha=0.3)
+    if title is None and summary:
+        seeds = max(e["n"] for e in summary)
+        title = (
+            f"Toy ablation: mean +- std over {seeds} seed(s), "
+            f"{summary[0]['steps']} steps, L = {summary[0]['levels']} (dots: single runs)"
+        )
+    fig.suptitle(title or "Toy ablation")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m hdn.experiments.toy_ablation",
+        description="Train every loss variant with several seeds on the toy split.",
+    )
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--losses", nargs="+", choices=LOSS_NAMES, default=list(LOSS_NAMES))
+    p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--base", type=int, default=None, help="U-Net width (default: TrainConfig's)")
+    p.add_argument("--depth", type=int, default=None, help="U-Net depth (default: TrainConfig's)")
+    p.add_argument("--crop", type=int, default=None, help="train on random crops of this size")
+    p.add_argument("--data", default=None, help="split file (default: data/toy_rgbd.npz)")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, ...")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (worker processes)")
+    p.add_argument("--out", default="data/results/toy_ablation.json")
+    p.add_argument("--figure", default="data/results/toy_ablation.png")
+    p.add_argument("--overwrite", action="store_true", help="ignore runs already in --out")
+    return p
+
+
+def _command_line(argv: Sequence[str] | None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return "python -m hdn.experiments.toy_ablation " + " ".join(shlex.quote(a) for a in args)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
+    """Command-line entry point; returns the rows written."""
+    args = _parser().parse_args(argv)
+    if args.jobs < 1:
+        raise ValueError(f"Invalid --jobs: we expect an int >= 1. Got: {args.jobs}.")
+    start = time.perf_counter()
+    out = Path(args.out)
+    common: dict[str, object] = {
+        "levels": args.levels,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "crop": args.crop,
+        "device": args.device,
+        "data": args.data,
+    }
+    for name in ("base", "depth"):
+        if getattr(args, name) is not None:
+            common[name] = getattr(args, name)
+    # Seed-major order: if the ablation is stopped early, the finished seeds are complete.
+    runs = [{"loss": loss, "seed": seed, **common} for seed in args.seeds for loss in args.losses]
+    TrainConfig(**runs[0])  # fail here, not in a worker, on bad options
+
+    rows: list[dict[str, object]] = []
+    previous_elapsed = 0.0
+    if out.exists() and not args.overwrite:
+        old_meta, rows = load_results(out)
+        previous_elapsed = float(old_meta.get("elapsed_s", 0.0))
+    done = {_run_key(r) for r in rows}
+    todo = [r for r in runs if _run_key(r) not in done]
+
+    meta: dict[str, object] = {
+        "command": _command_line(argv),
+        "schema": _SCHEMA_VERSION,
+        "losses": list(args.losses),
+        "seeds": list(args.seeds),
+        "steps": args.steps,
+        "levels": args.levels,
+        "jobs": args.jobs,
+        "config": {k: v for k, v in asdict(TrainConfig(**runs[0])).items() if k not in ("loss", "seed")},
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "cpu_count": os.cpu_count(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "complete": False,
+        "elapsed_s": previous_elapsed,
+        "runs_planned": len(runs),
+    }
+
+    def save() -> None:
+        meta["elapsed_s"] = round(previous_elapsed + time.perf_counter() - start, 1)
+        meta["runs_done"] = sum(_run_key(r) in {_run_key(x) for x in runs} for r in rows)
+        _write_json(out, meta, rows)
+
+    save()
+    print(f"{len(todo)} of {len(runs)} runs to train, {args.jobs} at a time", flush=True)
+    if args.jobs == 1:
+        for options in todo:
+            rows.append(run_one(options))
+            print(_progress_line(rows[-1]), flush=True)
+            save()
+    else:
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(run_one, options) for options in todo]
+            for future in as_completed(futures):
+                rows.append(future.result())
+                print(_progress_line(rows[-1]), flush=True)
+                save()
+    meta["complete"] = True
+    meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    save()
+    if args.figure:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        selected = [r for r in rows if _run_key(r) in {_run_key(x) for x in runs}]
+        fig = plot_summary(selected)
+        Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.figure, dpi=110, metadata={"Software": None})
+        plt.close(fig)
+    print(format_table(summarize(rows)))
+    print(f"wrote {out} ({meta['elapsed_s']:.0f} s in all)", flush=True)
+    return rows
+
+
+def _progress_line(row: Mapping[str, object]) -> str:
+    return (
+        f"{row['loss']:8s} seed {row['seed']}: abs_rel {row['abs_rel']:.3f} "
+        f"delta1 {row['delta1']:.3f} fine {row['fine_detail_error']:.4f} "
+        f"({row['wall_time_s']:.0f} s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

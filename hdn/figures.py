@@ -1,0 +1,71 @@
+"""The README's overview figure, redrawn from the package: ``python -m hdn.figures``.
+
+Middlebury 2014 Motorcycle (Scharstein et al., GCPR 2014): the scene, its depth-range
+contexts at one level, and where the SSI and HDN-DR losses put their weight for a blurred
+copy of the ground truth (the prediction that lost its fine detail, as in notebook 01).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+from .contexts import depth_range, whole_image
+from .data import blurred, middlebury_motorcycle
+from .explorer import per_pixel_loss_map
+from .plotting import show_contexts, show_map
+
+DEFAULT_PATH = Path(__file__).resolve().parents[1] / "docs" / "overview.png"
+
+
+def overview_figure(stride: int = 2, levels: int = 3, sigma: float = 2.0):
+    """Draw the overview: image, DR contexts at level ``levels - 1``, SSI and HDN-DR loss maps.
+
+    Args:
+        stride: take every ``stride``-th row and column of the 500x741 scene.
+        levels: HDN-DR levels; the contexts of the finest level are drawn.
+        sigma: Gaussian blur (px) that makes the prediction from the ground truth.
+
+    Returns:
+        a :class:`matplotlib.figure.Figure` with four panels.
+
+    Examples:
+        >>> fig = overview_figure(stride=8, levels=2)
+        >>> [ax.get_title() for ax in fig.axes if ax.get_title()]  # colorbars have none
+        ['Middlebury Motorcycle (left image)', 'DR contexts, level 1', 'SSI loss per pixel', 'HDN-DR loss per pixel (L=2)']
+    """
+    from matplotlib.figure import Figure
+
+    scene = middlebury_motorcycle()
+    depth = scene.depth[::stride, ::stride].unsqueeze(0)
+    valid = scene.valid[::stride, ::stride].unsqueeze(0)
+    pred = blurred(depth.nan_to_num(float(depth[valid].mean())), sigma)
+    contexts = depth_range(depth, valid, levels=levels)
+    ssi_map = per_pixel_loss_map(pred, depth, valid, whole_image(depth, valid), levels=1)
+    hdn_map = per_pixel_loss_map(pred, depth, valid, contexts, levels=levels)
+    top = float(max(ssi_map.max(), hdn_map.max()))
+
+    fig = Figure(figsize=(17, 3.4), dpi=80, layout="constrained")
+    axes = fig.subplots(1, 4)
+    show_map(axes[0], scene.image[:, ::stride, ::stride], kind="image", title="Middlebury Motorcycle (left image)")
+    show_contexts(axes[1], contexts.level_ids(levels - 1)[0], title=f"DR contexts, level {levels - 1}")
+    show_map(axes[2], ssi_map[0], kind="loss", valid=valid[0], vmin=0, vmax=top, title="SSI loss per pixel")
+    show_map(axes[3], hdn_map[0], kind="loss", valid=valid[0], vmin=0, vmax=top, title=f"HDN-DR loss per pixel (L={levels})")
+    return fig
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description="Redraw the README's overview figure.")
+    parser.add_argument("--out", type=Path, default=DEFAULT_PATH)
+    args = parser.parse_args(argv)
+    matplotlib.use("Agg")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    overview_figure().savefig(args.out)
+    print(args.out)
+    return args.out
+
+
+if __name__ == "__main__":
+    main()
