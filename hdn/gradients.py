@@ -382,6 +382,14 @@ def aligned_error_map(pred: Tensor, target: Tensor, regions: Mapping[str, Tensor
 def aligned_error(pred: Tensor, target: Tensor, region: Tensor) -> float:
     """Mean of :func:`aligned_error_map` over one region (target units, e.g. metres).
 
+    Args:
+        pred: ``(B, 1, H, W)`` or ``(B, H, W)``, one image in practice.
+        target: same shape.
+        region: bool mask of the same ``(B, H, W)`` (or ``(H, W)``), not empty.
+
+    Returns:
+        the mean absolute error after median / mean-absolute-deviation alignment in the region.
+
     Examples:
         >>> g = torch.tensor([[[1.0, 2.0, 4.0, 8.0]]])
         >>> aligned_error(3 * g + 1, g, torch.ones_like(g, dtype=torch.bool))

@@ -171,8 +171,9 @@ def _segment_select(rank: Tensor, seg: Tensor, count: Tensor, slots: int) -> Ten
         ``(slots,)`` int64 median rank (0 where ``count`` is 0).
     """
     n_ranks = int(rank.max()) + 1
-    # about 2**18 histogram cells in all, or one bucket per rank when that is fewer
-    buckets = max(1, min(n_ranks, (2**18) // max(slots, 1)))
+    # about as many histogram cells as entries (at most 2**18), or one bucket per rank
+    budget = min(2**18, max(1024, rank.numel()))
+    buckets = max(1, min(n_ranks, budget // max(slots, 1)))
     shift = max(0, math.ceil(math.log2(max(n_ranks / buckets, 1))))
     buckets = (n_ranks - 1 >> shift) + 1
     bucket = rank >> shift
