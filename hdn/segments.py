@@ -342,7 +342,7 @@ class HierarchicalSSI(torch.autograd.Function):
             order_g = value_order(g, valid, B)
         # levels whose ids ascend along the target's order need no sort for its medians
         target_sorted = target_sorted and getattr(contexts, "sorted_by_target_order", False)
-        rank_g = None if target_sorted else value_rank(order_g)
+        rank_g = None  # computed when a level first needs it
         pooled = contexts.aggregation == "pooled"
         loss_sum = torch.zeros_like(p)
         in_contexts = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)  # levels per pixel
@@ -353,8 +353,15 @@ class HierarchicalSSI(torch.autograd.Function):
             segments = resolve_level(contexts.level(level_index), valid, B)
             entries_per_slot = segment_counts(segments.seg, segments.num_slots)
             sp, p_hat = segment_stats(p, order_p, segments, entries_per_slot, rank=rank_p)
+            # One context per image holding every valid pixel ascends along any image-major
+            # order, like interval contexts along the target's own order.
+            g_ascending = target_sorted or (
+                segments.pix is None and segments.num_slots == 2 * B and torch.equal(segments.member, valid)
+            )
+            if not g_ascending and rank_g is None:
+                rank_g = value_rank(order_g)
             sg, g_hat = segment_stats(
-                g, order_g, segments, entries_per_slot, rank=rank_g, ascending=target_sorted
+                g, order_g, segments, entries_per_slot, rank=rank_g, ascending=g_ascending
             )
             inv_scales = torch.stack([sp.inv_scale, sg.inv_scale], dim=1).index_select(0, segments.seg)
             diff = p_hat.mul_(inv_scales[:, 0]).sub_(g_hat.mul_(inv_scales[:, 1]))
