@@ -62,6 +62,7 @@ def context_normalize(x: Tensor, contexts: Contexts, level: int = 0, mask: Tenso
         raise ValueError(f"Invalid level: level {level} has overlapping contexts; normalise per context instead.")
     B = shape[0]
     valid = valid & contexts.valid.reshape(-1)
+    xf = torch.where(valid, xf, torch.zeros((), dtype=xf.dtype, device=xf.device))
     segments = resolve_level(lvl, valid, B)
     stats, centered = segment_stats(xf, value_order(xf.detach(), valid, B), segments)
     return (centered * stats.inv_scale.index_select(0, segments.seg)).view(shape)

@@ -61,6 +61,7 @@ class Segments(NamedTuple):
     num_slots: int  # B * (K + 1)
     dummy: Tensor  # (num_slots,) bool, True at the dummy slots
     member: Tensor  # (M,) bool, True for entries in a real context
+    rows: int | None = None  # B when the level is one context per image holding all its valid pixels
 
 
 class SegmentStats(NamedTuple):
@@ -142,7 +143,8 @@ def resolve_level(level: ContextLevel, valid: Tensor, batch: int) -> Segments:
         seg = image * (K + 1) + torch.where(member, level.index, K)
     dummy = torch.zeros(batch, K + 1, dtype=torch.bool, device=valid.device)
     dummy[:, K] = True
-    return Segments(seg.to(torch.int64), level.pix, slots, dummy.reshape(-1), member)
+    whole = level.pix is None and K == 1 and torch.equal(member, valid)
+    return Segments(seg.to(torch.int64), level.pix, slots, dummy.reshape(-1), member, batch if whole else None)
 
 
 def value_rank(order: Tensor) -> Tensor:
@@ -206,6 +208,7 @@ def segment_stats(
     *,
     rank: Tensor | None = None,
     ascending: bool = False,
+    per_image_rows: int | None = None,
 ) -> tuple[SegmentStats, Tensor]:
     """Median shift and mean-absolute-deviation scale of every segment of a level.
 
@@ -218,6 +221,9 @@ def segment_stats(
         segments: the level, resolved.
         entries_per_slot: ``bincount(segments.seg)`` if already known.
         rank: ``value_rank(order)`` if already known.
+        per_image_rows: ``B`` when the level is one context per image holding all of its
+            entries' valid pixels (``segments.member``): the medians are then taken per image
+            row by :func:`torch.nanmedian` (a selection, no sort) and ``order`` is unused.
         ascending: the caller knows that the segment ids are non-decreasing along ``order``
             (e.g. depth intervals along the target's value order), so no sort is needed.
 
@@ -231,6 +237,14 @@ def segment_stats(
     nonempty = count > 0
     if seg.numel() == 0:
         median_pixel = torch.zeros(slots, dtype=torch.int64, device=x.device)
+    elif per_image_rows is not None and pix is None:
+        B = per_image_rows
+        rows = torch.where(segments.member, x.detach(), float("nan")).view(B, -1)
+        column = torch.nanmedian(rows, dim=1).indices  # lower median, like torch.median
+        del rows
+        first_pixel = torch.arange(B, device=x.device) * (seg.numel() // B)
+        median_pixel = torch.stack([first_pixel + column, torch.zeros_like(column)], dim=1).reshape(-1)
+        median_pixel = median_pixel * nonempty
     elif ascending and pix is None:
         # Segment ids ascend along ``order``: each segment is a run of it, and its median
         # the middle of the run.
@@ -245,7 +259,10 @@ def segment_stats(
         median_pixel = order.index_select(0, median_rank).long() * nonempty
     shift = x.index_select(0, median_pixel) * nonempty.to(x.dtype)
     centered = (x if pix is None else x.index_select(0, pix)) - shift.index_select(0, seg)
-    abs_dev = x.new_zeros(slots).scatter_add(0, seg, centered.abs())
+    if segments.rows is not None:
+        abs_dev = _segment_sum(segments, centered.abs())  # non-members are 0 - 0
+    else:
+        abs_dev = x.new_zeros(slots).scatter_add(0, seg, centered.abs())
     scale = abs_dev / (count + 1).to(x.dtype)
     inv_scale = torch.where(segments.dummy, 0.0, 1.0 / (scale + EPS))
     return SegmentStats(shift, inv_scale, median_pixel, count), centered
@@ -264,8 +281,12 @@ def _accumulate(acc: Tensor, values: Tensor, pix: Tensor | None) -> None:
         acc.index_add_(0, pix, values)
 
 
-def _segment_sum(seg: Tensor, values: Tensor, slots: int) -> Tensor:
-    return values.new_zeros(slots).scatter_add_(0, seg, values)
+def _segment_sum(segments: Segments, values: Tensor) -> Tensor:
+    """Sum of ``values`` (0 outside contexts) per segment slot, ``(slots,)``."""
+    if segments.rows is not None:  # one context per image: row sums, then the dummies' zeros
+        row_sums = values.view(segments.rows, -1).sum(1)
+        return torch.stack([row_sums, torch.zeros_like(row_sums)], dim=1).reshape(-1)
+    return values.new_zeros(segments.num_slots).scatter_add_(0, segments.seg, values)
 
 
 def segment_counts(seg: Tensor, slots: int) -> Tensor:
@@ -297,16 +318,16 @@ def _normalization_backward(
     inv = stats.inv_scale
     n1 = (stats.count + 1).to(r.dtype)
     sign = torch.sign(centered).to(torch.int8)
-    sum_r = _segment_sum(seg, r, slots) if through_median else None
+    sum_r = _segment_sum(segments, r) if through_median else None
     # sum_i r_i x_hat_i / d = inv**2 * sum_i r_i (x_i - t)
-    d_scale_per_n = -_segment_sum(seg, centered.mul_(r), slots) * inv * inv / n1  # 0 at dummies
+    d_scale_per_n = -_segment_sum(segments, centered.mul_(r)) * inv * inv / n1  # 0 at dummies
     del centered
     per_entry = r.mul_(inv.index_select(0, seg))
     per_entry += d_scale_per_n.index_select(0, seg).mul_(sign)
     _accumulate(grad_x, per_entry, segments.pix)
     del per_entry
     if through_median:
-        sum_sign = _segment_sum(seg, sign.to(r.dtype), slots)
+        sum_sign = _segment_sum(segments, sign.to(r.dtype))
         d_shift = (-sum_r * inv - d_scale_per_n * sum_sign) * (stats.count > 0)
         grad_x.index_add_(0, stats.median_pixel, d_shift)
 
@@ -332,17 +353,15 @@ class HierarchicalSSI(torch.autograd.Function):
         zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
         p = torch.where(valid, pred, zero)
         g = torch.where(valid, target, zero)
-        order_p = value_order(p, valid, B, image_major=False)
-        rank_p = value_rank(order_p)
-        order_p = order_p.to(rank_p.dtype)  # only a few entries are read from now on
+        # Value orders and ranks are made when a level first needs them.
+        order_p = rank_p = rank_g = None
         # Contexts built from the target may carry its value order (same valid pixels).
         order_g = getattr(contexts, "target_order", None)
         target_sorted = order_g is not None and torch.equal(valid, contexts.valid.reshape(-1))
         if not target_sorted:
-            order_g = value_order(g, valid, B)
+            order_g = None
         # levels whose ids ascend along the target's order need no sort for its medians
         target_sorted = target_sorted and getattr(contexts, "sorted_by_target_order", False)
-        rank_g = None  # computed when a level first needs it
         pooled = contexts.aggregation == "pooled"
         loss_sum = torch.zeros_like(p)
         in_contexts = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)  # levels per pixel
@@ -351,23 +370,30 @@ class HierarchicalSSI(torch.autograd.Function):
         n_pairs = 0
         for level_index in range(contexts.num_levels):
             segments = resolve_level(contexts.level(level_index), valid, B)
-            entries_per_slot = segment_counts(segments.seg, segments.num_slots)
-            sp, p_hat = segment_stats(p, order_p, segments, entries_per_slot, rank=rank_p)
-            # One context per image holding every valid pixel ascends along any image-major
-            # order, like interval contexts along the target's own order.
-            g_ascending = target_sorted or (
-                segments.pix is None and segments.num_slots == 2 * B and torch.equal(segments.member, valid)
-            )
-            if not g_ascending and rank_g is None:
-                rank_g = value_rank(order_g)
-            sg, g_hat = segment_stats(
-                g, order_g, segments, entries_per_slot, rank=rank_g, ascending=g_ascending
-            )
-            inv_scales = torch.stack([sp.inv_scale, sg.inv_scale], dim=1).index_select(0, segments.seg)
-            diff = p_hat.mul_(inv_scales[:, 0]).sub_(g_hat.mul_(inv_scales[:, 1]))
-            del inv_scales
-            del g_hat
-            del p_hat
+            if segments.rows is not None:  # one context per image: rows, no scatter, no sort
+                members = segments.member.view(B, -1).sum(1)
+                entries_per_slot = torch.stack([members, segments.member.numel() // B - members], 1).reshape(-1)
+            else:
+                entries_per_slot = segment_counts(segments.seg, segments.num_slots)
+            if segments.rows is not None:
+                sp, p_hat = segment_stats(p, p, segments, entries_per_slot, per_image_rows=B)
+                sg, g_hat = segment_stats(g, g, segments, entries_per_slot, per_image_rows=B)
+            else:
+                if order_p is None:
+                    order_p = value_order(p, valid, B, image_major=False)
+                    rank_p = value_rank(order_p)
+                    order_p = order_p.to(rank_p.dtype)  # only a few entries are read from now on
+                sp, p_hat = segment_stats(p, order_p, segments, entries_per_slot, rank=rank_p)
+                if not target_sorted and rank_g is None:
+                    order_g = value_order(g, valid, B)
+                    rank_g = value_rank(order_g)
+                    order_g = order_g.to(rank_g.dtype)
+                sg, g_hat = segment_stats(
+                    g, order_g, segments, entries_per_slot, rank=rank_g, ascending=target_sorted
+                )
+            diff = p_hat.mul_(sp.inv_scale.index_select(0, segments.seg))
+            diff.sub_(g_hat.mul_(sg.inv_scale.index_select(0, segments.seg)))
+            del g_hat, p_hat
             saved.append((sp, sg, torch.sign(diff).to(torch.int8)))
             entry_loss = diff.abs_()  # 0 outside contexts, where both are 0
             if pooled:
