@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,12 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..train import LOSS_NAMES, TrainConfig, train
+from ..metrics import _nearest_pixels, fine_detail_error
+from ..synthetic import load_split
+from ..train import DEFAULT_DATA, LOSS_NAMES, TrainConfig, predict, train
 
 __all__ = [
     "METRICS",
     "ROW_KEYS",
     "format_table",
+    "interior_fine_detail_error",
     "load_results",
     "main",
     "plot_summary",
@@ -56,20 +60,87 @@ __all__ = [
 #: Keys of a result row, in the order they are written.
 ROW_KEYS = (
     "loss", "levels", "seed", "steps", "batch_size",
-    "abs_rel", "delta1", "rmse", "fine_detail_error", "train_loss",
+    "abs_rel", "delta1", "rmse", "fine_detail_error", "fine_detail_interior", "train_loss",
     "wall_time_s", "train_time_s", "torch", "device", "threads",
 )  # fmt: skip
 
 #: Metrics that :func:`summarize` and :func:`plot_summary` report, with "lower is better".
-METRICS = {"abs_rel": True, "delta1": False, "fine_detail_error": True}
+METRICS = {
+    "abs_rel": True,
+    "delta1": False,
+    "fine_detail_error": True,
+    "fine_detail_interior": True,
+}
 
 _LABELS = {
     "abs_rel": "AbsRel (image-level alignment)",
     "delta1": "delta1 = share with ratio < 1.25",
     "fine_detail_error": "fine-detail error (near 25 %)",
+    "fine_detail_interior": "fine-detail error, near interior",
 }
 
 _SCHEMA_VERSION = 1
+
+
+# --------------------------------------------------------------------------- a diagnostic metric
+
+
+def interior_fine_detail_error(
+    pred: torch.Tensor,
+    depth: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    near_fraction: float = 0.25,
+    margin: int = 2,
+) -> torch.Tensor:
+    """:func:`hdn.metrics.fine_detail_error` on the *interior* of the near region.
+
+    The near region (the ``ceil(near_fraction * n)`` nearest valid pixels of each image, as
+    in :func:`~hdn.metrics.fine_detail_error`) is eroded by a ``(2 margin + 1)`` square
+    window: a pixel counts only if every valid pixel around it within ``margin`` pixels is
+    near as well. This drops the silhouettes of near objects, where any smooth prediction
+    bleeds far depths into near pixels; those few pixels otherwise dominate the
+    least-squares fit on the near region and hide the relief inside the objects. The
+    prediction is then aligned by least squares on the interior pixels and scored by their
+    AbsRel (``fine_detail_error(..., near_fraction=1.0)`` on the interior mask).
+
+    Args:
+        pred: ``(B, 1, H, W)`` affine depth prediction.
+        depth: ``(B, 1, H, W)`` metric depth; non-finite or <= 0 = invalid.
+        valid: optional bool mask of the same shape.
+        near_fraction: share of the valid pixels, nearest first, in the near region.
+        margin: erosion radius in pixels (``0`` = the near region itself).
+
+    Returns:
+        0-dim tensor (NaN if no image keeps 2 interior pixels).
+
+    Examples:
+        >>> d = torch.full((1, 1, 8, 8), 30.0)
+        >>> d[..., :, :4] = torch.linspace(1.0, 1.5, 8).view(8, 1)  # a near slab, left half
+        >>> float(interior_fine_detail_error(2 * d + 1, d, near_fraction=0.5, margin=1)) < 1e-5
+        True
+    """
+    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+        raise ValueError(f"Invalid margin: we expect an int >= 0. Got: {margin!r}.")
+    if depth.dim() != 4 or depth.shape[1] != 1 or pred.shape != depth.shape:
+        raise ValueError(
+            f"Invalid shapes: we expect pred and depth (B, 1, H, W). Got: {tuple(pred.shape)}, "
+            f"{tuple(depth.shape)}."
+        )
+    ok = torch.isfinite(depth) & (depth > 0)
+    if valid is not None:
+        ok = ok & valid.bool()
+    B = depth.shape[0]
+    safe = torch.where(ok, depth, 1.0)
+    near, _ = _nearest_pixels(safe.reshape(B, -1), ok.reshape(B, -1), float(near_fraction))
+    near = near.view_as(ok)
+    if margin:
+        # A valid pixel that is not near, within the window, removes the centre pixel.
+        far = (ok & ~near).float()
+        k = 2 * margin + 1
+        touched = torch.nn.functional.max_pool2d(far, k, stride=1, padding=margin) > 0
+        near = near & ~touched
+    return fine_detail_error(pred, depth, near, near_fraction=1.0, space="depth")
 
 
 # --------------------------------------------------------------------------- one run
@@ -93,6 +164,16 @@ def run_one(options: Mapping[str, object], threads: int = 1) -> dict[str, object
     finally:
         torch.set_num_threads(previous)
     m = result.metrics
+    if config.evaluate:
+        test = load_split(config.data if config.data is not None else DEFAULT_DATA)["test"]
+        depth = torch.as_tensor(test["depth"], dtype=torch.float32).unsqueeze(1)
+        valid = torch.as_tensor(test["valid"]).unsqueeze(1)
+        pred = predict(result.model, test["rgb"])
+        interior = float(
+            interior_fine_detail_error(pred, depth, valid, near_fraction=config.near_fraction)
+        )
+    else:
+        interior = math.nan
     row = {
         "loss": config.loss,
         "levels": config.levels,
@@ -103,6 +184,7 @@ def run_one(options: Mapping[str, object], threads: int = 1) -> dict[str, object
         "delta1": m["delta1"],
         "rmse": m["rmse"],
         "fine_detail_error": m["fine_detail_error"],
+        "fine_detail_interior": interior,
         "train_loss": m["train_loss"],
         "wall_time_s": round(m["wall_time_s"], 2),
         "train_time_s": round(m["train_time_s"], 2),
@@ -130,11 +212,15 @@ def load_results(path: str | os.PathLike) -> tuple[dict[str, object], list[dict[
     """Read an ablation file: returns ``(meta, rows)``."""
     report = json.loads(Path(path).read_text())
     if not isinstance(report, dict) or "rows" not in report or "meta" not in report:
-        raise ValueError(f"Invalid results file {path}: we expect an object with 'meta' and 'rows'.")
+        raise ValueError(
+            f"Invalid results file {path}: we expect an object with 'meta' and 'rows'."
+        )
     return report["meta"], report["rows"]
 
 
-def _write_json(path: Path, meta: Mapping[str, object], rows: Iterable[Mapping[str, object]]) -> None:
+def _write_json(
+    path: Path, meta: Mapping[str, object], rows: Iterable[Mapping[str, object]]
+) -> None:
     rows = sorted(rows, key=_sort_key)
     report = {
         "meta": {k: meta[k] for k in sorted(meta)},
@@ -194,15 +280,17 @@ def summarize(
 def format_table(
     summary: Sequence[Mapping[str, object]],
     metrics: Sequence[str] = tuple(METRICS),
-    digits: int = 3,
+    digits: int | Mapping[str, int] = 3,
 ) -> str:
     """The summary of :func:`summarize` as an aligned text table (``mean +- std``).
+
+    ``digits`` is the number of decimals, for all metrics or per metric name (default 3).
 
     Examples:
         >>> print(format_table([{"loss": "ssi", "levels": 3, "steps": 9, "n": 2,
         ...     "abs_rel_mean": 2.0, "abs_rel_std": 1.41421}], metrics=["abs_rel"]))
-        loss    levels  steps  n  abs_rel
-        ssi          3      9  2  2.000 +- 1.414
+        loss  levels  steps  n  abs_rel
+        ssi        3      9  2  2.000 +- 1.414
     """
     header = ["loss", "levels", "steps", "n", *metrics]
     lines = []
@@ -210,7 +298,8 @@ def format_table(
         cells = [str(entry["loss"]), str(entry["levels"]), str(entry["steps"]), str(entry["n"])]
         for name in metrics:
             mean, std = entry[f"{name}_mean"], entry[f"{name}_std"]
-            cells.append(f"{mean:.{digits}f} +- {std:.{digits}f}")
+            n = digits.get(name, 3) if isinstance(digits, Mapping) else digits
+            cells.append(f"{mean:.{n}f} +- {std:.{n}f}")
         lines.append(cells)
     widths = [max(len(c) for c in column) for column in zip(header, *lines)]
     right = {1, 2, 3}  # numbers of runs and options are right-aligned
@@ -236,7 +325,7 @@ def plot_summary(
     import matplotlib.pyplot as plt
 
     summary = summarize(rows, metrics)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.8 * len(metrics), 3.6), squeeze=False)
     names = [f"{e['loss']}" for e in summary]
     x = np.arange(len(summary))
     colors = plt.get_cmap("tab10")(np.arange(len(summary)) % 10)
@@ -264,7 +353,8 @@ def plot_summary(
             f"{summary[0]['steps']} steps, L = {summary[0]['levels']} (dots: single runs)"
         )
     fig.suptitle(title or "Toy ablation")
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # the workbook style already sets constrained layout
+        fig.tight_layout()
     return fig
 
 
@@ -291,6 +381,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--figure", default="data/results/toy_ablation.png")
     p.add_argument("--overwrite", action="store_true", help="ignore runs already in --out")
     return p
+
+
+def _git_state() -> dict[str, object]:
+    """Commit of the hdn checkout the runs use, and whether its ``hdn/`` has uncommitted edits."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", "hdn"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    if head.returncode != 0:
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": head.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
 
 
 def _command_line(argv: Sequence[str] | None) -> str:
@@ -336,7 +453,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         "steps": args.steps,
         "levels": args.levels,
         "jobs": args.jobs,
-        "config": {k: v for k, v in asdict(TrainConfig(**runs[0])).items() if k not in ("loss", "seed")},
+        "config": {
+            k: v for k, v in asdict(TrainConfig(**runs[0])).items() if k not in ("loss", "seed")
+        },
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
@@ -345,6 +464,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         "complete": False,
         "elapsed_s": previous_elapsed,
         "runs_planned": len(runs),
+        **_git_state(),
     }
 
     def save() -> None:

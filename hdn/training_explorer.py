@@ -1,0 +1,368 @@
+"""See what trained models get right and wrong at each level of a context hierarchy.
+
+For one test image and a few trained networks, :class:`LevelExplorer` shows, at a chosen
+level ``l`` of a chosen context kind (DR, DP or DS):
+
+- the contexts of that level (``contexts.level_ids(l)``, one colour per context);
+- the ground truth and the prediction normalised within those contexts,
+  ``g_hat = context_normalize(g, contexts, l)`` and ``p_hat = context_normalize(p, contexts, l)``;
+- the per-pixel loss of that level, ``|p_hat - g_hat|`` on the pixels that are in a context
+  of the level (0 elsewhere). The HDN loss (:func:`hdn.hdn_loss`) averages these maps over
+  the levels pixel by pixel; level 0 alone is the image-level SSI loss.
+
+``widget`` is an ipywidgets ``VBox`` with a dropdown ``context`` (DR / DP / DS), a slider
+``level`` and a dropdown ``model``; every change re-draws :meth:`LevelExplorer.render` (a
+pure function of the three values) into ``output``. Tests set the widget values from Python.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from . import contexts as _contexts
+from ._validation import check_levels
+from .alignment import align_least_squares
+from .contexts import CONTEXT_NAMES, Contexts
+from .metrics import _nearest_pixels
+from .normalization import context_normalize
+from .plotting import draw_grid, figure_png, show_contexts, show_map
+
+__all__ = ["CONTEXT_TITLES", "LevelExplorer", "error_maps", "level_losses"]
+
+CONTEXT_TITLES = {
+    "dr": "DR (depth range)",
+    "dp": "DP (depth percentile)",
+    "ds": "DS (spatial grid)",
+}
+"""Display names of the context kinds offered by the explorer."""
+
+
+def _image(x: Tensor | np.ndarray, name: str, channels: int | None) -> Tensor:
+    """``(C, H, W)`` / ``(1, C, H, W)`` (or ``(H, W)`` / ``(1, H, W)`` when ``channels`` is None) -> CPU tensor."""
+    t = torch.as_tensor(x).detach().cpu()
+    if channels is None:
+        while t.dim() > 2 and t.shape[0] == 1:
+            t = t[0]
+        if t.dim() != 2:
+            raise ValueError(
+                f"Invalid {name} shape: we expect one map (H, W) or (1, H, W). Got: {tuple(t.shape)}."
+            )
+        return t
+    if t.dim() == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 3 or t.shape[0] != channels:
+        raise ValueError(
+            f"Invalid {name} shape: we expect one image ({channels}, H, W). Got: {tuple(t.shape)}."
+        )
+    return t.float()
+
+
+def error_maps(
+    pred: Tensor, depth: Tensor, valid: Tensor | None = None, *, near_fraction: float = 0.25
+) -> dict[str, Tensor]:
+    """Per-pixel errors behind :func:`hdn.metrics.zero_shot_metrics` and
+    :func:`hdn.metrics.fine_detail_error` (depth space), for figures.
+
+    Args:
+        pred: predictions ``(B, 1, H, W)`` or ``(B, H, W)`` (affine depth).
+        depth: metric depth of the same shape; non-finite or <= 0 = invalid.
+        valid: optional bool mask.
+        near_fraction: share of the valid pixels, nearest first, in the near region.
+
+    Returns:
+        ``(B, H, W)`` maps: ``"aligned"`` (prediction aligned to ``depth`` by least squares
+        over each image's valid pixels), ``"rel_error"`` (``|d_hat - d| / d`` of it, 0 where
+        invalid), ``"near"`` (bool near region: the ``ceil(f n)`` nearest valid pixels),
+        ``"near_aligned"`` (aligned on the near region only) and ``"near_rel_error"`` (its
+        ``|d_hat - d| / d`` on the near region, 0 elsewhere). Over an image with at least two
+        near pixels, the mean of ``near_rel_error`` on ``near`` is that image's fine-detail error.
+
+    Examples:
+        >>> d = torch.tensor([[[1.0, 1.5, 1.2, 1.1, 5.0, 6.0, 7.0, 8.0]]])
+        >>> maps = error_maps(2 * d + 1, d, near_fraction=0.5)
+        >>> maps["near"].int().tolist(), float(maps["near_rel_error"].abs().max()) < 1e-5
+        ([[[1, 1, 1, 1, 0, 0, 0, 0]]], True)
+    """
+    p = pred[:, 0] if pred.dim() == 4 else pred
+    d = (depth[:, 0] if depth.dim() == 4 else depth).to(p.dtype)
+    ok = torch.isfinite(d) & (d > 0)
+    if valid is not None:
+        ok = ok & (valid[:, 0] if valid.dim() == 4 else valid).bool()
+    safe_d = torch.where(ok, d, torch.ones_like(d))
+    B = p.shape[0]
+    near, _ = _nearest_pixels(safe_d.reshape(B, -1), ok.reshape(B, -1), float(near_fraction))
+    near = near.view_as(ok)
+    with torch.no_grad():
+        aligned = align_least_squares(p, safe_d, ok)[0]
+        near_aligned = align_least_squares(p, safe_d, near)[0]
+    return {
+        "aligned": aligned,
+        "rel_error": torch.where(ok, (aligned - safe_d).abs() / safe_d, 0.0),
+        "near": near,
+        "near_aligned": near_aligned,
+        "near_rel_error": torch.where(near, (near_aligned - safe_d).abs() / safe_d, 0.0),
+    }
+
+
+def level_losses(
+    pred: Tensor, target: Tensor, valid: Tensor | None = None, *, kind: str = "dr", levels: int = 3
+) -> list[float]:
+    """The loss of each level of a hierarchy on its own, over a batch.
+
+    At level ``l``: the sum over the batch of ``|p_hat - g_hat|`` on the pixels in a context
+    of that level, divided by the number of valid pixels (the normalisation of
+    :func:`hdn.hdn_loss`). Level 0 is the image-level SSI loss (for DR and DP without the
+    maximum-depth pixels, which are in no bin); :func:`hdn.hdn_loss` mixes the levels pixel
+    by pixel.
+
+    Args:
+        pred: ``(B, 1, H, W)`` or ``(B, H, W)`` predictions.
+        target: ground truth of the same shape; non-finite = invalid.
+        valid: optional bool mask.
+        kind: ``"dr"``, ``"dp"`` or ``"ds"``.
+        levels: hierarchy depth ``L``.
+
+    Returns:
+        ``L`` floats, level 0 first.
+
+    Examples:
+        >>> g = torch.rand(2, 1, 8, 8) + 1
+        >>> [round(v, 4) for v in level_losses(3 * g + 1, g, kind="ds", levels=2)]
+        [0.0, 0.0]
+    """
+    check_levels(levels)
+    ctx = _contexts.build(kind, target, valid, levels=levels)
+    mask = ctx.valid
+    count = mask.sum().clamp(min=1)
+    p = pred.detach()
+    losses = []
+    for lvl in range(levels):
+        inside = ctx.level_ids(lvl) >= 0
+        diff = (
+            context_normalize(p, ctx, lvl, mask) - context_normalize(target, ctx, lvl, mask)
+        ).abs()
+        losses.append(float(torch.where(inside, diff, 0.0).sum() / count))
+    return losses
+
+
+class LevelExplorer:
+    """Contexts, normalised maps and per-pixel loss of one level, for several trained models.
+
+    Args:
+        models: name -> trained network mapping ``(1, 3, H, W)`` RGB to ``(1, 1, H, W)``.
+        rgb: the test image, ``(3, H, W)`` in ``[0, 1]``.
+        gt: its ground-truth depth ``(H, W)`` (metres, or any positive scale and shift of
+            them: the normalised maps do not change); non-finite = invalid.
+        valid: optional bool mask ``(H, W)``.
+        levels: hierarchy depth ``L``; the level slider runs over ``0 .. L-1``.
+        kinds: context kinds offered, from ``("dr", "dp", "ds")``.
+
+    Attributes:
+        context, level, model: the ipywidgets controls; ``output``: the ``Output`` the
+        figure is drawn into; ``widget``: all of them in a ``VBox``; ``figure``: the last
+        rendered figure; ``renders``: how many times the callbacks drew.
+
+    Examples:
+        >>> from hdn.models import UNet
+        >>> torch.manual_seed(0) is not None
+        True
+        >>> g = torch.linspace(1.0, 4.0, 256).view(16, 16)
+        >>> ex = LevelExplorer({"untrained": UNet(base=8, depth=2)}, torch.rand(3, 16, 16), g, levels=3)
+        >>> ex.context.value = "ds"
+        >>> ex.level.value = 2
+        >>> int(ex.level_ids("ds", 2).max()) + 1  # a 4 x 4 grid
+        16
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, nn.Module],
+        rgb: Tensor | np.ndarray,
+        gt: Tensor | np.ndarray,
+        valid: Tensor | np.ndarray | None = None,
+        *,
+        levels: int = 4,
+        kinds: Sequence[str] = CONTEXT_NAMES,
+    ):
+        import ipywidgets as widgets
+
+        check_levels(levels)
+        if not isinstance(models, Mapping) or not models:
+            raise ValueError("Invalid models: we expect a non-empty mapping name -> nn.Module.")
+        kinds = tuple(kinds)
+        if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(CONTEXT_NAMES):
+            raise ValueError(
+                f"Invalid kinds: we expect distinct names from {CONTEXT_NAMES}. Got: {kinds!r}."
+            )
+        self.rgb = _image(rgb, "rgb", 3)
+        g = _image(gt, "gt", None).to(torch.float32)
+        if g.shape != self.rgb.shape[1:]:
+            raise ValueError(
+                f"Invalid gt shape: we expect rgb's {tuple(self.rgb.shape[1:])}. Got: {tuple(g.shape)}."
+            )
+        v = torch.isfinite(g)
+        if valid is not None:
+            v = v & _image(valid, "valid", None).bool()
+        self.gt, self.valid = g, v
+        self.levels, self.kinds, self.names = levels, kinds, tuple(models)
+        self.preds = {name: self._predict(net) for name, net in models.items()}
+        self._contexts: dict[str, Contexts] = {}
+        self._maps: dict[tuple[str, int, str], tuple[Tensor, Tensor, Tensor]] = {}
+
+        self.context = widgets.Dropdown(
+            options=[(CONTEXT_TITLES[k], k) for k in kinds], value=kinds[0], description="contexts"
+        )
+        self.level = widgets.IntSlider(
+            value=min(2, levels - 1),
+            min=0,
+            max=levels - 1,
+            description="level",
+            continuous_update=False,
+        )
+        self.model = widgets.Dropdown(
+            options=list(self.names), value=self.names[0], description="model"
+        )
+        self.output = widgets.Output()
+        self.widget = widgets.VBox(
+            [widgets.HBox([self.context, self.level, self.model]), self.output]
+        )
+        self.figure: Figure | None = None
+        self.renders = 0
+        for control in (self.context, self.level, self.model):
+            control.observe(self.on_change, names="value")
+        self.on_change()
+
+    # --- state -------------------------------------------------------------------------
+
+    def _predict(self, net: nn.Module) -> Tensor:
+        if not isinstance(net, nn.Module):
+            raise ValueError(
+                f"Invalid models: we expect nn.Module values. Got: {type(net).__name__}."
+            )
+        was_training = net.training
+        net.eval()
+        try:
+            device = next(net.parameters()).device
+            with torch.no_grad():
+                pred = net(self.rgb[None].to(device)).float().cpu()
+        finally:
+            net.train(was_training)
+        return _image(pred, "model output", None)
+
+    def contexts(self, kind: str) -> Contexts:
+        """The contexts of ``kind`` for the test image (built once)."""
+        if kind not in self.kinds:
+            raise ValueError(f"Invalid context: we expect one of {self.kinds}. Got: {kind!r}.")
+        if kind not in self._contexts:
+            self._contexts[kind] = _contexts.build(
+                kind, self.gt[None], self.valid[None], levels=self.levels
+            )
+        return self._contexts[kind]
+
+    def level_ids(self, kind: str, level: int) -> Tensor:
+        """Context index of every pixel at ``level``, ``(H, W)`` int64, -1 = in no context."""
+        self._check_level(level)
+        return self.contexts(kind).level_ids(level)[0]
+
+    def maps(self, kind: str, level: int, model: str) -> tuple[Tensor, Tensor, Tensor]:
+        """``(g_hat, p_hat, loss)`` at ``level``, each ``(H, W)``; loss = ``|p_hat - g_hat|``
+        on the pixels in a context of the level, 0 elsewhere."""
+        self._check_level(level)
+        if model not in self.preds:
+            raise ValueError(f"Invalid model: we expect one of {self.names}. Got: {model!r}.")
+        key = (kind, level, model)
+        if key not in self._maps:
+            ctx = self.contexts(kind)
+            inside = (self.level_ids(kind, level) >= 0) & self.valid
+            g_hat = context_normalize(self.gt[None], ctx, level, self.valid[None])[0]
+            p_hat = context_normalize(self.preds[model][None], ctx, level, self.valid[None])[0]
+            loss = torch.where(inside, (p_hat - g_hat).abs(), 0.0)
+            self._maps[key] = (g_hat, p_hat, loss)
+        return self._maps[key]
+
+    def level_loss(self, kind: str, level: int, model: str) -> float:
+        """Mean of ``|p_hat - g_hat|`` over the valid pixels at ``level`` (pixels in no context count 0)."""
+        return float(self.maps(kind, level, model)[2][self.valid].mean())
+
+    def loss_by_level(self, kind: str) -> dict[str, list[float]]:
+        """``{model: [level_loss at level 0, 1, ..., L-1]}`` for one context kind."""
+        return {
+            m: [self.level_loss(kind, lvl, m) for lvl in range(self.levels)] for m in self.names
+        }
+
+    # --- drawing -----------------------------------------------------------------------
+
+    def render(self, context: str, level: int, model: str) -> Figure:
+        """Draw one level for one model.
+
+        Panels (in ``figure.axes`` order, colorbars after them): the RGB image; the contexts
+        of the level (``level_ids``); ``g_hat``; ``p_hat`` (same colour range as ``g_hat``);
+        ``|p_hat - g_hat|`` with its mean in the title. The loss colour range is the same for
+        every model at a given context kind and level, so switching models compares like
+        with like.
+
+        Returns:
+            A :class:`matplotlib.figure.Figure` (not managed by pyplot).
+        """
+        g_hat, p_hat, loss = self.maps(context, level, model)
+        ids = self.level_ids(context, level)
+        inside = (ids >= 0) & self.valid
+        count = self.contexts(context).contexts_per_image(level)
+        H, W = ids.shape
+        fig = Figure(figsize=(16.5, 3.2), layout="constrained")
+        axes = fig.subplots(1, 5)
+        show_map(axes[0], self.rgb, kind="image", title="test image (RGB)")
+        show_contexts(axes[1], ids, count=count, title=f"{count} context(s) at level {level}")
+        if context == "ds":
+            draw_grid(axes[1], H, W, level, color="black")
+        lim = float(g_hat[inside].abs().max()) if inside.any() else 1.0
+        lim = lim or 1.0
+        show_map(axes[2], g_hat, kind="normalized", valid=inside, vmin=-lim, vmax=lim,
+                 title=r"ground truth $\hat g$ (per context)")  # fmt: skip
+        show_map(axes[3], p_hat, kind="normalized", valid=inside, vmin=-lim, vmax=lim,
+                 title=rf"prediction $\hat p$ ({model})")  # fmt: skip
+        top = self.loss_vmax(context, level)
+        show_map(axes[4], loss, kind="loss", valid=self.valid, vmax=top,
+                 title=rf"$|\hat p - \hat g|$, mean {self.level_loss(context, level, model):.3f}")  # fmt: skip
+        fig.suptitle(
+            f"{CONTEXT_TITLES[context]}, level {level} of 0-{self.levels - 1}, model '{model}'"
+        )
+        return fig
+
+    def loss_vmax(self, kind: str, level: int) -> float:
+        """99th percentile of the level's loss over all models' valid pixels."""
+        values = torch.cat([self.maps(kind, level, m)[2][self.valid] for m in self.names])
+        top = float(torch.quantile(values.double(), 0.99)) if values.numel() else 1.0
+        return max(top, 1e-6)
+
+    # --- widget callbacks --------------------------------------------------------------
+
+    def on_change(self, change: dict | None = None) -> None:
+        """Re-render the selected (context, level, model) into ``output``.
+
+        The PNG goes straight into the ``Output`` widget's ``outputs`` state, so the callback
+        behaves the same in a kernel, under nbval and in plain Python.
+        """
+        fig = self.render(self.context.value, self.level.value, self.model.value)
+        self.figure = fig
+        self.renders += 1
+        png = base64.b64encode(figure_png(fig)).decode("ascii")
+        self.output.outputs = (
+            {
+                "output_type": "display_data",
+                "data": {"image/png": png, "text/plain": fig.get_suptitle()},
+                "metadata": {},
+            },
+        )
+
+    def _check_level(self, level: int) -> None:
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < self.levels:
+            raise ValueError(
+                f"Invalid level: we expect an int 0 <= level < {self.levels}. Got: {level!r}."
+            )
