@@ -314,7 +314,7 @@ def _normalization_backward(
 
     ``r`` and ``centered`` (``x - t`` per entry) are overwritten.
     """
-    seg, slots = segments.seg, segments.num_slots
+    seg = segments.seg
     inv = stats.inv_scale
     n1 = (stats.count + 1).to(r.dtype)
     sign = torch.sign(centered).to(torch.int8)
