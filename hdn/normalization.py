@@ -64,7 +64,8 @@ def context_normalize(x: Tensor, contexts: Contexts, level: int = 0, mask: Tenso
     valid = valid & contexts.valid.reshape(-1)
     xf = torch.where(valid, xf, torch.zeros((), dtype=xf.dtype, device=xf.device))
     segments = resolve_level(lvl, valid, B)
-    stats, centered = segment_stats(xf, value_order(xf.detach(), valid, B), segments)
+    order = None if segments.rows is not None else value_order(xf.detach(), valid, B)
+    stats, centered = segment_stats(xf, order, segments)
     return (centered * stats.inv_scale.index_select(0, segments.seg)).view(shape)
 
 

@@ -9,9 +9,11 @@ segments of a level at once,
 * the scale ``s`` = sum |x - t| over the segment divided by ``(n + 1)``,
 * the normalised values ``(x - t) / (s + 1e-6)``.
 
-Segments are found by sorting, never by a Python loop: the values are ordered once per
-call (a radix sort of an order-preserving integer key), and each level only needs a
-stable sort of its small integer segment ids in that order.
+No Python loop over pixels, images or contexts: a level with one context per image takes
+its medians per image row (:func:`torch.nanmedian`, a selection) and its sums per row;
+other levels use the values' order, made once per call by a radix sort of an
+order-preserving integer key, and find each segment's median in a (segment, rank bucket)
+histogram; depth-interval levels read their target medians straight off that order.
 
 :class:`HierarchicalSSI` is the autograd function behind :func:`hdn.hdn_loss`. Its
 backward is written out analytically (the derivation is in notebook 04), so that only
@@ -202,13 +204,12 @@ def _segment_select(rank: Tensor, seg: Tensor, count: Tensor, slots: int) -> Ten
 
 def segment_stats(
     x: Tensor,
-    order: Tensor,
+    order: Tensor | None,
     segments: Segments,
     entries_per_slot: Tensor | None = None,
     *,
     rank: Tensor | None = None,
     ascending: bool = False,
-    per_image_rows: int | None = None,
 ) -> tuple[SegmentStats, Tensor]:
     """Median shift and mean-absolute-deviation scale of every segment of a level.
 
@@ -217,13 +218,11 @@ def segment_stats(
 
     Args:
         x: ``(N,)`` values of the flattened batch (finite).
-        order: ``value_order(x, ...)``.
+        order: ``value_order(x, ...)``; unused (may be None) when ``segments.rows`` is set,
+            where the medians are taken per image row by :func:`torch.nanmedian`.
         segments: the level, resolved.
-        entries_per_slot: ``bincount(segments.seg)`` if already known.
+        entries_per_slot: ``slot_counts(segments)`` if already known.
         rank: ``value_rank(order)`` if already known.
-        per_image_rows: ``B`` when the level is one context per image holding all of its
-            entries' valid pixels (``segments.member``): the medians are then taken per image
-            row by :func:`torch.nanmedian` (a selection, no sort) and ``order`` is unused.
         ascending: the caller knows that the segment ids are non-decreasing along ``order``
             (e.g. depth intervals along the target's value order), so no sort is needed.
 
@@ -232,13 +231,13 @@ def segment_stats(
     """
     seg, pix, slots = segments.seg, segments.pix, segments.num_slots
     if entries_per_slot is None:
-        entries_per_slot = segment_counts(seg, slots)
+        entries_per_slot = slot_counts(segments)
     count = entries_per_slot.masked_fill(segments.dummy, 0)
     nonempty = count > 0
     if seg.numel() == 0:
         median_pixel = torch.zeros(slots, dtype=torch.int64, device=x.device)
-    elif per_image_rows is not None and pix is None:
-        B = per_image_rows
+    elif segments.rows is not None:
+        B = segments.rows
         rows = torch.where(segments.member, x.detach(), float("nan")).view(B, -1)
         column = torch.nanmedian(rows, dim=1).indices  # lower median, like torch.median
         del rows
@@ -287,6 +286,14 @@ def _segment_sum(segments: Segments, values: Tensor) -> Tensor:
         row_sums = values.view(segments.rows, -1).sum(1)
         return torch.stack([row_sums, torch.zeros_like(row_sums)], dim=1).reshape(-1)
     return values.new_zeros(segments.num_slots).scatter_add_(0, segments.seg, values)
+
+
+def slot_counts(segments: Segments) -> Tensor:
+    """Entries per segment slot of a level (dummies included), ``(slots,)`` int64."""
+    if segments.rows is not None:  # one context per image: members, then the rest of the row
+        members = segments.member.view(segments.rows, -1).sum(1)
+        return torch.stack([members, segments.member.numel() // segments.rows - members], 1).reshape(-1)
+    return segment_counts(segments.seg, segments.num_slots)
 
 
 def segment_counts(seg: Tensor, slots: int) -> Tensor:
@@ -370,14 +377,10 @@ class HierarchicalSSI(torch.autograd.Function):
         n_pairs = 0
         for level_index in range(contexts.num_levels):
             segments = resolve_level(contexts.level(level_index), valid, B)
-            if segments.rows is not None:  # one context per image: rows, no scatter, no sort
-                members = segments.member.view(B, -1).sum(1)
-                entries_per_slot = torch.stack([members, segments.member.numel() // B - members], 1).reshape(-1)
-            else:
-                entries_per_slot = segment_counts(segments.seg, segments.num_slots)
-            if segments.rows is not None:
-                sp, p_hat = segment_stats(p, p, segments, entries_per_slot, per_image_rows=B)
-                sg, g_hat = segment_stats(g, g, segments, entries_per_slot, per_image_rows=B)
+            entries_per_slot = slot_counts(segments)
+            if segments.rows is not None:  # one context per image: row medians, no order needed
+                sp, p_hat = segment_stats(p, None, segments, entries_per_slot)
+                sg, g_hat = segment_stats(g, None, segments, entries_per_slot)
             else:
                 if order_p is None:
                     order_p = value_order(p, valid, B, image_major=False)
