@@ -24,6 +24,16 @@ def _as_bhw(x: Tensor, name: str) -> Tensor:
     )
 
 
+def single_image(x: Tensor, name: str) -> Tensor:
+    """``(H, W)``, ``(1, H, W)`` or ``(1, 1, H, W)`` -> detached ``(1, H, W)`` (for the explorers)."""
+    if isinstance(x, Tensor) and x.dim() == 2:
+        x = x.unsqueeze(0)
+    x = _as_bhw(x, name)
+    if x.shape[0] != 1:
+        raise ValueError(f"Invalid {name} shape: we expect one image (H, W) or (1, H, W). Got: {tuple(x.shape)}.")
+    return x.detach()
+
+
 def stats_dtype(*tensors: Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (half inputs get float32 statistics)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

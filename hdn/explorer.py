@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from . import contexts as _contexts
-from ._validation import _as_bhw, check_depth_inputs, check_levels
+from ._validation import _as_bhw, check_depth_inputs, check_levels, single_image
 from .contexts import CONTEXT_NAMES, Contexts, from_labels
 from .normalization import context_normalize
 from .plotting import draw_grid, figure_png, grid_edges, show_map
@@ -281,12 +281,7 @@ def boundary_regions(inside: Tensor, valid: Tensor | None = None, radius: int = 
 
 def _single_image(x: Tensor, name: str) -> Tensor:
     """``(H, W)``, ``(1, H, W)`` or ``(1, 1, H, W)`` -> ``(1, H, W)`` on the CPU."""
-    if isinstance(x, Tensor) and x.dim() == 2:
-        x = x.unsqueeze(0)
-    x = _as_bhw(x, name)
-    if x.shape[0] != 1:
-        raise ValueError(f"Invalid {name} shape: we expect one image (H, W). Got: {tuple(x.shape)}.")
-    return x.detach().cpu()
+    return single_image(x, name).cpu()
 
 
 class ContextExplorer:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import contexts as _contexts
-from ._validation import _as_bhw, check_depth_inputs, check_levels, stats_dtype
+from ._validation import _as_bhw, check_depth_inputs, check_levels, single_image, stats_dtype
 from .data import blurred
 from .losses import contexts_loss
 from .segments import EPS
@@ -498,12 +498,12 @@ class DescentExplorer:
     ):
         import ipywidgets as widgets
 
-        self.pred0 = _one_image(pred0, "pred0")
-        self.target = _one_image(target, "target")
-        self.mask = None if mask is None else _one_image(mask, "mask")
+        self.pred0 = single_image(pred0, "pred0")
+        self.target = single_image(target, "target")
+        self.mask = None if mask is None else single_image(mask, "mask")
         if not regions:
             raise ValueError("Invalid regions: we expect at least one named mask.")
-        self.regions = {name: _one_image(r, f"region {name!r}") for name, r in regions.items()}
+        self.regions = {name: single_image(r, f"region {name!r}") for name, r in regions.items()}
         self.focus = focus if focus is not None else next(iter(self.regions))
         if self.focus not in self.regions:
             raise ValueError(f"Invalid focus: we expect one of {list(self.regions)}. Got: {focus!r}.")
@@ -626,13 +626,3 @@ class DescentExplorer:
             raise ValueError(f"Invalid loss: we expect one of {LOSS_NAMES}. Got: {loss!r}.")
         if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= self.max_level:
             raise ValueError(f"Invalid level: we expect an integer in [1, {self.max_level}]. Got: {level!r}.")
-
-
-def _one_image(x: Tensor, name: str) -> Tensor:
-    """``(H, W)``, ``(1, H, W)`` or ``(1, 1, H, W)`` -> detached ``(1, H, W)``."""
-    if isinstance(x, Tensor) and x.dim() == 2:
-        x = x.unsqueeze(0)
-    x = _as_bhw(x, name)
-    if x.shape[0] != 1:
-        raise ValueError(f"Invalid {name} shape: we expect one image (1, H, W). Got: {tuple(x.shape)}.")
-    return x.detach()
