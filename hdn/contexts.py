@@ -40,6 +40,7 @@ __all__ = [
     "LabelContexts",
     "PairContexts",
     "build",
+    "check_contexts",
     "depth_percentile",
     "depth_range",
     "from_labels",
@@ -635,6 +636,22 @@ def random_crops(
     member = torch.cat([valid.unsqueeze(0), inside & valid.unsqueeze(0)], dim=0).reshape(num + 1, B, H * W)
     pix, index = _pairs_from_membership(member)
     return PairContexts(valid, pix, index, num + 1, boxes)
+
+
+def check_contexts(contexts: object, shape: tuple[int, ...], device: torch.device, *, name: str = "contexts") -> Contexts:
+    """A :class:`Contexts` built for ``shape`` ``(B, H, W)`` on ``device``, else a ValueError naming ``name``."""
+    if not isinstance(contexts, Contexts):
+        raise ValueError(
+            f"Invalid {name}: we expect one of {CONTEXT_NAMES} or a hdn.contexts.Contexts. "
+            f"Got: {type(contexts).__name__}."
+        )
+    if tuple(contexts.shape) != tuple(shape):
+        raise ValueError(
+            f"Invalid {name}: we expect contexts built for shape {tuple(shape)}. Got: {tuple(contexts.shape)}."
+        )
+    if contexts.valid.device != device:
+        raise ValueError(f"Invalid {name}: we expect contexts on {device}. Got: {contexts.valid.device}.")
+    return contexts
 
 
 _BUILDERS = {"dr": depth_range, "dp": depth_percentile, "ds": spatial_grid}

@@ -58,15 +58,7 @@ def _resolve(
     if isinstance(contexts, str):
         check_levels(levels)
         contexts = _contexts.build(contexts, target, mask, levels=levels)
-    elif not isinstance(contexts, Contexts):
-        raise ValueError(
-            f"Invalid contexts: we expect one of {CONTEXT_NAMES} or a hdn.contexts.Contexts. "
-            f"Got: {type(contexts).__name__}."
-        )
-    if tuple(contexts.shape) != tuple(p.shape):
-        raise ValueError(
-            f"Invalid contexts: we expect contexts built for shape {tuple(p.shape)}. Got: {tuple(contexts.shape)}."
-        )
+    _contexts.check_contexts(contexts, p.shape, p.device)
     return p, g, valid & contexts.valid, contexts
 
 

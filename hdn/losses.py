@@ -34,17 +34,7 @@ def contexts_loss(pred: Tensor, target: Tensor, mask: Tensor | None, contexts: _
         scalar loss (float32, or float64 for float64 inputs).
     """
     p, g, valid = check_depth_inputs(pred, target, mask)
-    if not isinstance(contexts, _contexts.Contexts):
-        raise ValueError(
-            f"Invalid context: we expect one of {_contexts.CONTEXT_NAMES} or a hdn.contexts.Contexts. "
-            f"Got: {type(contexts).__name__}."
-        )
-    if tuple(contexts.shape) != tuple(p.shape):
-        raise ValueError(
-            f"Invalid context: we expect contexts built for shape {tuple(p.shape)}. Got: {tuple(contexts.shape)}."
-        )
-    if contexts.valid.device != p.device:
-        raise ValueError(f"Invalid context: we expect contexts on {p.device}. Got: {contexts.valid.device}.")
+    _contexts.check_contexts(contexts, p.shape, p.device, name="context")
     dtype = stats_dtype(p, g)
     valid = (valid & contexts.valid).reshape(-1)
     return HierarchicalSSI.apply(p.to(dtype).reshape(-1), g.to(dtype).reshape(-1), valid, contexts)
