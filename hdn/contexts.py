@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 
 from ._validation import _as_bhw, check_levels
+from .rows import GatherLayout, GridLayout, RowLayout
+from .rows import _pool as _select_pool
 from .segments import ContextLevel, value_order
 
 __all__ = [
@@ -69,6 +71,12 @@ class Contexts:
 
     def level(self, index: int) -> ContextLevel:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def row_layout(self, valid: Tensor) -> RowLayout | None:
+        """The levels as padded rows (:mod:`hdn.rows`) for the valid pixels ``(B, H, W)``, or
+        ``None`` where they are not nested partitions of one member set (then the loss uses
+        the general segment core)."""
+        return None
 
     def contexts_per_image(self, index: int) -> int:
         """Number of contexts of one image at level ``index``."""
@@ -133,24 +141,26 @@ class IntervalContexts(Contexts):
     """Nested depth-interval bins: bin ``i`` of level ``l`` holds ``lower <= g < upper``.
 
     Args:
-        target: ``(B, H, W)`` depth (invalid entries zeroed).
+        target: ``(B, H, W)`` depth (finite where valid).
         valid: ``(B, H, W)`` bool.
         lower: per level ``l``, ``(B, 2**l)`` lower bin edges (non-decreasing along bins).
         upper: per level ``l``, ``(B, 2**l)`` upper bin edges (non-decreasing along bins).
-        order: ``value_order`` of the flattened target (image-major, invalid last), if known.
-        sorted_rows: ``_sorted_valid_rows(...)`` for that order, if known.
+        sorted_rows: ``sorted_valid_values(target, valid)`` if already known.
 
     The levels must nest: the edges of level ``l`` are every ``2**(L-1-l)``-th edge of the
     finest level (true for DR and DP, whose edges are the same float computations at the
-    same fractions). Bins are found once, at the finest level, by locating the edges in
-    each image's sorted depths. The bins that hold a pixel form a range ``[first, last]``;
-    at a coarser level the range is the finest one shifted right by the level gap. Bins
-    overlap only where DR's ``+ 1e-30`` survives rounding (an edge within 1e-30 of zero):
-    then a pixel is in several bins, exactly as in the released code, and that level is
-    handed to the loss as (pixel, bin) pairs.
+    same fractions), so everything is found once, at the finest level. In each image's
+    sorted depths a finest bin is a run of positions; the bins that hold a pixel form a
+    range ``[first, last]``, and at a coarser level the range is the finest one shifted
+    right by the level gap. Bins overlap only where DR's ``+ 1e-30`` survives rounding (an
+    edge within 1e-30 of zero): then a pixel is in several bins, exactly as in the released
+    code, and the loss gets the levels as (pixel, bin) pairs. Otherwise the loss gets the
+    finest bins as rows (:meth:`row_layout`).
 
     Attributes:
-        target_order: ``(B*H*W,)`` the target's value order, reused by the loss.
+        overlapping: whether some pixel is in two bins of a level.
+        target_order: ``(B*H*W,)`` int32, the target's value order (image-major, invalid
+            last), made on first use; the general segment core reads its medians off it.
         sorted_by_target_order: True: along ``target_order`` every level's bin ids ascend
             within an image (bins are intervals of the target), which the loss relies on.
     """
@@ -163,7 +173,6 @@ class IntervalContexts(Contexts):
         valid: Tensor,
         lower: list[Tensor],
         upper: list[Tensor],
-        order: Tensor | None = None,
         sorted_rows: tuple[Tensor, Tensor] | None = None,
     ):
         self.shape = tuple(target.shape)  # type: ignore[assignment]
@@ -176,22 +185,35 @@ class IntervalContexts(Contexts):
                 torch.equal(lower[lvl], lower[-1][:, ::step]) and torch.equal(upper[lvl], upper[-1][:, step - 1 :: step])
             ):
                 raise ValueError(f"Invalid lower/upper: level {lvl} does not nest in the finest level.")
-        B = target.shape[0]
-        flat, vflat = target.reshape(-1), valid.reshape(-1)
-        if order is None:
-            order, sorted_rows = value_order(flat, vflat, B), None
-        if sorted_rows is None:
-            sorted_rows = _sorted_valid_rows(flat, vflat, order, B)
-        self._last, self._first = _bins_of_sorted(*sorted_rows, lower[-1], upper[-1], order)
-        # int32 halves its memory; the loss gathers only a few entries of it
-        self.target_order = order.to(torch.int32) if order.numel() < 2**31 else order
+        self._target = target
+        rows, count = sorted_valid_values(target, valid) if sorted_rows is None else sorted_rows
+        # finest bins as runs [start, end) of each image's sorted depths, (B, K)
+        valid_end = count.unsqueeze(1)
+        self._start = torch.minimum(torch.searchsorted(rows, lower[-1].contiguous()), valid_end)
+        self._end = torch.minimum(torch.searchsorted(rows, upper[-1].contiguous()), valid_end)
+        self._count = count
+        # bins overlap where a run starts before its predecessor ends
+        self.overlapping = bool((self._start[:, 1:] < self._end[:, :-1]).any())
+        self._order: Tensor | None = None
+        self._pixel_bins: tuple[Tensor, Tensor | None] | None = None
+
+    @property
+    def target_order(self) -> Tensor:
+        if self._order is None:
+            B = self.shape[0]
+            order = value_order(self._target.reshape(-1), self.valid.reshape(-1), B)
+            self._order = order.to(torch.int32) if order.numel() < 2**31 else order
+        return self._order
 
     def level(self, index: int) -> ContextLevel:
+        if self._pixel_bins is None:  # made on first use: the row core never needs them
+            self._pixel_bins = _bins_of_runs(self._start, self._end, self._count, self.target_order, self.overlapping)
+        last, first = self._pixel_bins
         shift = self.num_levels - 1 - index
-        last = self._last >> shift  # -1 >> n == -1: in no bin
-        if self._first is None:
+        last = last >> shift  # -1 >> n == -1: in no bin
+        if first is None:
             return ContextLevel(last, 2**index)
-        first = self._first >> shift
+        first = first >> shift
         extra = (first < last) & (last >= 0)  # pixels in more than one bin at this level
         if not bool(extra.any()):
             return ContextLevel(last, 2**index)
@@ -206,51 +228,124 @@ class IntervalContexts(Contexts):
         pix = torch.cat([torch.arange(n, device=last.device), pair_pix])
         return ContextLevel(torch.cat([last.long(), pair_bin]), 2**index, pix)
 
+    def finest_bins(self) -> Tensor:
+        """The finest bin of every pixel, ``(B, H*W)`` int16/int32, ``K`` for a pixel in none.
 
-def _sorted_valid_rows(flat: Tensor, valid: Tensor, order: Tensor, batch: int) -> tuple[Tensor, Tensor]:
-    """Each image's valid values ascending, then ``+inf``: ``(B, P)``; and the valid counts ``(B,)``."""
-    rows = flat.index_select(0, order).view(batch, -1)
-    count = valid.view(batch, -1).sum(dim=1)
-    beyond = torch.arange(rows.shape[1], device=rows.device).unsqueeze(0) >= count.unsqueeze(1)
-    return rows.masked_fill_(beyond, float("inf")), count
+        The last bin that starts at or below the pixel's depth holds it if the depth is also
+        below that bin's upper edge (bins do not overlap here). With few bins the start is
+        found by counting the lower edges at or below the depth, otherwise by a vectorised
+        binary search; where no bin ends above the next one's start (DR, DP) only the
+        topmost upper edge needs a look."""
+        B = self.shape[0]
+        lower, upper = self.lower[-1], self.upper[-1]
+        K = lower.shape[1]
+        g = self._target.reshape(B, -1)
+        dtype = torch.int16 if K < 2**15 else torch.int32
+        if K <= 32:
+            found = torch.zeros(g.shape, dtype=dtype, device=g.device)
+            for i in range(1, K):
+                found += g >= lower[:, i : i + 1]
+        else:
+            found = torch.zeros(g.shape, dtype=torch.int64, device=g.device)
+            step = K // 2
+            while step:
+                found += step * (g >= lower.gather(1, found + step))
+                step //= 2
+            found = found.to(dtype)
+        if bool((upper[:, :-1] >= lower[:, 1:]).all()):
+            inside = g < upper[:, -1:]
+        else:
+            inside = g < upper.gather(1, found.long())
+        inside &= self.valid.reshape(B, -1)
+        # found where inside, K elsewhere
+        return found.mul_(inside).add_((~inside).to(dtype).mul_(K))
+
+    def row_layout(self, valid: Tensor) -> RowLayout | None:
+        """Finest bins as rows of their pixels (:class:`hdn.rows.GatherLayout`).
+
+        The pixels are grouped by (image, finest bin) with one stable radix sort of small
+        keys. ``None`` when bins overlap, when ``valid`` is not the contexts' own mask, or
+        when the longest finest bin would pad the rows to more than twice the pixel count
+        (then the loss uses the general segment core)."""
+        if self.overlapping or not torch.equal(valid, self.valid):
+            return None
+        B, H, W = self.shape
+        P, N, K = H * W, B * H * W, self.lower[-1].shape[1]
+        length = (self._end - self._start).clamp(min=0)
+        width = max(int(length.max()), 1)
+        if B * K * width > 2 * N + 1024:
+            return None
+        key = self.finest_bins()
+        if B * (K + 1) >= 2**15:
+            key = key.to(torch.int32)
+        key += torch.arange(B, device=valid.device, dtype=key.dtype).unsqueeze(1) * (K + 1)
+        order = torch.sort(key.view(-1), stable=True).indices.view(B, P)
+        del key
+        start = torch.cumsum(length, dim=1) - length  # each image's bins first, in order
+        order = order.to(torch.int32) if N < 2**31 else order
+        return GatherLayout.from_runs(order, start, length, width, self.num_levels)
 
 
-def _bins_of_sorted(
-    sorted_rows: Tensor, count: Tensor, lower: Tensor, upper: Tensor, order: Tensor
+def sorted_valid_values(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Each image's valid values ascending, then ``+inf``: ``(B, H*W)``; and the valid counts ``(B,)``.
+
+    On CPU NumPy sorts the rows (vectorised sorting networks), two threads when torch may
+    use two; elsewhere :func:`torch.sort`."""
+    B = target.shape[0]
+    rows = torch.where(valid, target, float("inf")).reshape(B, -1)
+    count = valid.reshape(B, -1).sum(dim=1)
+    if rows.device.type != "cpu":
+        return torch.sort(rows, dim=1).values, count
+    x = rows.numpy()
+    if B > 1 and torch.get_num_threads() > 1 and x.size >= 2**16:
+        halves = [(0, B // 2), (B // 2, B)]
+        list(_select_pool().map(lambda h: x[h[0] : h[1]].sort(axis=1), halves))
+    else:
+        x.sort(axis=1)
+    return rows, count
+
+
+def _bins_of_runs(
+    start: Tensor, end: Tensor, count: Tensor, order: Tensor, overlapping: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """The bins of every pixel for interval bins ``lower <= g < upper`` (``(B, K)`` edges).
+    """The bins of every pixel, from the finest bins as runs of each image's sorted depths.
 
-    In an image's sorted depths the bins that hold position ``r`` are ``first(r) .. last(r)``
-    with ``last(r)`` = (number of bins starting at or before ``r``) - 1 and ``first(r)`` =
-    number of bins ending at or before ``r`` (a bin starts at the first position with value
-    >= its lower edge and ends at the first with value >= its upper edge). Two tiny
-    searches per edge and two cumulative sums label all positions; ``order`` takes the
-    labels back to the pixels.
+    Bin ``i`` holds the sorted positions ``start[:, i] <= r < end[:, i]`` (a bin starts at
+    the first position with value >= its lower edge and ends at the first with value >= its
+    upper edge). The bins that hold position ``r`` are ``first(r) .. last(r)`` with
+    ``last(r)`` = (number of bins starting at or before ``r``) - 1 and ``first(r)`` = number
+    of bins ending at or before ``r``: two cumulative sums label all positions, and
+    ``order`` takes the labels back to the pixels.
+
+    Args:
+        start, end: ``(B, K)`` run bounds in ``[0, P]``.
+        count: ``(B,)`` valid pixels per image.
+        order: ``(B * P,)`` the target's image-major value order.
+        overlapping: whether any two runs overlap.
 
     Returns:
         ``last`` (int32 ``(N,)``, -1 for a pixel in no bin) and ``first`` (int32 ``(N,)``),
         or ``None`` for ``first`` when no pixel is in more than one bin.
     """
-    B, P = sorted_rows.shape
-    position = torch.arange(P, device=sorted_rows.device).unsqueeze(0)
+    B = start.shape[0]
+    P = order.numel() // max(B, 1)
+    position = torch.arange(P, device=start.device).unsqueeze(0)
 
-    def _count_at_or_before(edges: Tensor) -> Tensor:
-        where = torch.searchsorted(sorted_rows, edges.contiguous()).clamp(max=P)
-        marks = torch.zeros(B, P + 1, dtype=torch.int32, device=sorted_rows.device)
+    def _count_at_or_before(where: Tensor) -> Tensor:
+        marks = torch.zeros(B, P + 1, dtype=torch.int32, device=start.device)
         marks.scatter_add_(1, where, torch.ones_like(where, dtype=torch.int32))
         return torch.cumsum(marks[:, :P], dim=1, dtype=torch.int32)
 
-    last = _count_at_or_before(lower) - 1
-    first = _count_at_or_before(upper)
+    last = _count_at_or_before(start) - 1
+    first = _count_at_or_before(end)
     member = (first <= last) & (position < count.unsqueeze(1))
     last = last.masked_fill_(~member, -1)
-    overlap = bool(((first < last) & member).any())
 
     def _to_pixels(labels: Tensor) -> Tensor:
         out = torch.empty(labels.numel(), dtype=labels.dtype, device=labels.device)
-        return out.index_copy_(0, order, labels.reshape(-1))
+        return out.index_copy_(0, order.long(), labels.reshape(-1))
 
-    return _to_pixels(last), (_to_pixels(first) if overlap else None)
+    return _to_pixels(last), (_to_pixels(first) if overlapping else None)
 
 
 def whole_image(target: Tensor, mask: Tensor | None = None) -> Contexts:
@@ -289,9 +384,7 @@ def depth_range(target: Tensor, mask: Tensor | None = None, *, levels: int = 3) 
     """
     check_levels(levels)
     g, valid = _prepare_target(target, mask)
-    B = g.shape[0]
-    order = value_order(g.reshape(-1), valid.reshape(-1), B)
-    sorted_rows, count = _sorted_valid_rows(g.reshape(-1), valid.reshape(-1), order, B)
+    sorted_rows, count = sorted_valid_values(g, valid)
     empty = (count == 0).unsqueeze(1)
     lo = sorted_rows[:, :1].masked_fill(empty, 0)
     hi = sorted_rows.gather(1, (count - 1).clamp(min=0).unsqueeze(1)).masked_fill_(empty, 0)
@@ -302,7 +395,7 @@ def depth_range(target: Tensor, mask: Tensor | None = None, *, levels: int = 3) 
         edges = lo + (hi - lo) * frac
         lower.append(edges[:, :-1].contiguous())
         upper.append((edges[:, 1:] + 1e-30).contiguous())
-    return IntervalContexts(g, valid, lower, upper, order, (sorted_rows, count))
+    return IntervalContexts(g, valid, lower, upper, (sorted_rows, count))
 
 
 def _sorted_quantiles(sorted_rows: Tensor, count: Tensor, fractions: Tensor) -> Tensor:
@@ -344,9 +437,7 @@ def depth_percentile(
     """
     check_levels(levels)
     g, valid = _prepare_target(target, mask)
-    B = g.shape[0]
-    order = value_order(g.reshape(-1), valid.reshape(-1), B)
-    sorted_rows, count = _sorted_valid_rows(g.reshape(-1), valid.reshape(-1), order, B)
+    sorted_rows, count = sorted_valid_values(g, valid)
     lower, upper = [], []
     for lvl in range(levels):
         bins = 2**lvl
@@ -355,7 +446,7 @@ def depth_percentile(
         q = torch.where(count.unsqueeze(1) > 0, q, torch.zeros_like(q))
         lower.append(q[:, :-1].contiguous())
         upper.append(q[:, 1:].contiguous())
-    return IntervalContexts(g, valid, lower, upper, order, (sorted_rows, count))
+    return IntervalContexts(g, valid, lower, upper, (sorted_rows, count))
 
 
 class GridContexts(Contexts):
@@ -376,6 +467,10 @@ class GridContexts(Contexts):
         self.shape = (B, H, W)
         self.valid = valid
         self.num_levels = levels
+
+    def row_layout(self, valid: Tensor) -> RowLayout:
+        """Finest cells as rows in quadtree order (:class:`hdn.rows.GridLayout`)."""
+        return GridLayout(valid.view(self.shape), self.num_levels)
 
     @staticmethod
     def _cell_index(size: int, cells: int, device) -> Tensor:

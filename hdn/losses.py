@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from . import contexts as _contexts
 from ._validation import check_depth_inputs, check_levels, stats_dtype
 from .normalization import ssi_normalize
+from .rows import RowHierarchicalSSI
 from .segments import HierarchicalSSI
 
 __all__ = [
@@ -36,8 +37,20 @@ def contexts_loss(pred: Tensor, target: Tensor, mask: Tensor | None, contexts: _
     p, g, valid = check_depth_inputs(pred, target, mask)
     _contexts.check_contexts(contexts, p.shape, p.device, name="context")
     dtype = stats_dtype(p, g)
-    valid = (valid & contexts.valid).reshape(-1)
-    return HierarchicalSSI.apply(p.to(dtype).reshape(-1), g.to(dtype).reshape(-1), valid, contexts)
+    valid = valid & contexts.valid
+    p, g = p.to(dtype).reshape(-1), g.to(dtype).reshape(-1)
+    # The row core takes nested partitions (DS, DR, DP, whole image) and a finite
+    # prediction; a prediction that is not finite at a valid pixel must give a non-finite
+    # loss, which the general core reproduces. Invalid pixels never matter.
+    finite = bool(torch.isfinite(p.sum()))
+    if not finite:
+        p = torch.where(valid.reshape(-1), p, 0)
+        finite = bool(torch.isfinite(p.sum()))
+    rows = contexts.aggregation == "mean" and not contexts.detach_pred_median and finite
+    layout = contexts.row_layout(valid) if rows else None
+    if layout is not None:
+        return RowHierarchicalSSI.apply(p, g, valid.reshape(-1), layout)
+    return HierarchicalSSI.apply(p, g, valid.reshape(-1), contexts)
 
 
 def ssi_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:

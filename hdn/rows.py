@@ -1,0 +1,553 @@
+"""The row core: nested partition levels laid out as padded rows, for the fixed hierarchies.
+
+DS grids, DR and DP bins and the whole image share a structure that the general segment
+core (:mod:`hdn.segments`) does not exploit: every level is a *partition* of the same
+member pixels, and each context of level ``l`` is the union of consecutive contexts of the
+finest level. A :class:`RowLayout` copies the batch once into a ``(S, C)`` array, one
+padded row per finest context (image-major, DS cells in quadtree order, DR/DP bins in
+depth order); then the contexts of level ``l`` are simply the rows of the *view*
+``(S / g_l, g_l * C)``, with ``g_l`` finest contexts per row. Every per-context statistic
+is a row reduction and every broadcast a view: no scatter, no per-level gather, and the
+loss of a member pixel is the mean of its ``L`` per-level losses.
+
+Medians are row selections. On CPU they run in NumPy's introselect
+(:func:`numpy.partition`, several times faster than :func:`torch.median` along a
+dimension), on the prediction and the target side by side in two threads; elsewhere in
+:func:`torch.kthvalue`. A row whose members do not fill it gets ``-inf`` and ``+inf`` in
+its other entries, so many that the lower median of the members sits at the same column
+``(width - 1) // 2`` of every row: one selection serves rows of any member count.
+
+:class:`RowHierarchicalSSI` is the loss (forward and an analytic backward, the same
+derivation as :func:`hdn.segments._normalization_backward`). It keeps the two laid-out
+tensors, an int8 sign per level and per-row statistics: memory grows with pixels x
+levels, not with the number of contexts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .segments import EPS
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+class RowLayout:
+    """A batch laid out as padded rows, one per finest context, with nested coarser levels.
+
+    Subclasses implement the methods below and set:
+
+    Attributes:
+        member: ``(S, C)`` bool, True where the entry is a pixel of its row's context.
+        length: ``(S,)`` members per row.
+        groups: per level (level 0 first), the number of consecutive rows that form one
+            context of that level; ``S`` is divisible by each.
+        num_pixels: ``N = B * H * W``.
+    """
+
+    member: Tensor
+    length: Tensor
+    groups: list[int]
+    num_pixels: int
+
+    def gather_pair(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        """``(N,)`` finite prediction and target -> both laid out ``(S, C)``."""
+        raise NotImplementedError
+
+    def centring_mask(self, dtype: torch.dtype) -> Tensor | None:  # pragma: no cover - abstract
+        """The float member mask that zeroes entries outside the members, or ``None`` where
+        those entries are infinite in laid-out tensors (see :func:`_centered`)."""
+        raise NotImplementedError
+
+    def lower_medians(
+        self, p: Tensor, g: Tensor, group: int, count: Tensor, work: _Workspace
+    ) -> list[tuple[Tensor, Tensor]]:  # pragma: no cover - abstract
+        """Members' lower medians and their columns for the rows of the ``group`` view."""
+        raise NotImplementedError
+
+    def scatter(self, y: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """``(S, C)`` laid out, 0 outside members -> ``(N,)`` per pixel (0 for pixels in no row)."""
+        raise NotImplementedError
+
+
+def _quadtree_order(cells: int) -> list[int]:
+    """Row-major cell numbers ``r * cells + c`` of a ``cells x cells`` grid in quadtree order.
+
+    The key interleaves the bits of ``r`` and ``c`` (``r``'s first, most significant level
+    first), so the ``4**k`` cells of every coarser ``2**-k`` cell are consecutive."""
+    bits = max(cells.bit_length() - 1, 0)
+
+    def key(r: int, c: int) -> int:
+        return sum((((r >> b) & 1) << (2 * b + 1)) | (((c >> b) & 1) << (2 * b)) for b in range(bits))
+
+    return sorted(range(cells * cells), key=lambda z: key(z // cells, z % cells))
+
+
+def _cell_axis(size: int, cells: int) -> tuple[list[int], list[bool], list[int], int]:
+    """Padded positions along one axis: SPEC's bounds ``int(i * w * size)``, ``w = 1 / cells``.
+
+    Returns the source index of every padded position (padding repeats the cell's last
+    pixel), whether it is real, the padded position of every source index, and the padded
+    cell length."""
+    w = 1 / cells
+    bounds = [int(i * w * size) for i in range(cells + 1)]
+    longest = max(b - a for a, b in itertools.pairwise(bounds))
+    source, real, padded = [], [], [0] * size
+    for i in range(cells):
+        a, b = bounds[i], bounds[i + 1]
+        for j in range(longest):
+            source.append(a + min(j, b - a - 1))
+            real.append(j < b - a)
+            if j < b - a:
+                padded[a + j] = i * longest + j
+    return source, real, padded, longest
+
+
+class GridLayout(RowLayout):
+    """DS grids (and the whole image, ``levels = 1``): one row per finest cell.
+
+    Finest cells are padded to the longest cell along each axis (SPEC's truncated bounds
+    make cells differ by at most one pixel per axis) and ordered as a quadtree, so a cell
+    of level ``l`` is ``4**(L-1-l)`` consecutive rows. For image sizes divisible by
+    ``2**(L-1)`` the layout is a pure permutation (no padding); for ``L = 1`` a view.
+
+    Args:
+        valid: ``(B, H, W)`` bool.
+        levels: ``L`` with ``2**(L-1) <= min(H, W)``.
+    """
+
+    def __init__(self, valid: Tensor, levels: int):
+        B, H, W = valid.shape
+        self.shape = (B, H, W)
+        self.num_pixels = B * H * W
+        self.cells = cells = 2 ** (levels - 1)
+        dev = valid.device
+        rows, row_real, row_back, self.cell_h = _cell_axis(H, cells)
+        cols, col_real, col_back, self.cell_w = _cell_axis(W, cells)
+
+        def _index(values: list[int], identity: bool) -> Tensor | None:
+            return None if identity else torch.tensor(values, dtype=torch.int64, device=dev)
+
+        self._rows = _index(rows, len(rows) == H)
+        self._cols = _index(cols, len(cols) == W)
+        self._row_back = _index(row_back, len(rows) == H)
+        self._col_back = _index(col_back, len(cols) == W)
+        order = _quadtree_order(cells)
+        self._order = _index(order, cells <= 2)
+        inverse = [0] * len(order)
+        for i, z in enumerate(order):
+            inverse[z] = i
+        self._order_back = _index(inverse, cells <= 2)
+        self.groups = [4 ** (levels - 1 - lvl) for lvl in range(levels)]
+        real = torch.tensor(row_real, device=dev).view(-1, 1) & torch.tensor(col_real, device=dev).view(1, -1)
+        self.member = self._arrange(valid.reshape(B, H, W)) & self._arrange(real.expand(B, -1, -1), padded=True)
+        self.length = self.member.sum(1)
+        self._outside: _Outside | None = None
+
+    def gather_pair(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        return self.gather(pred), self.gather(target)
+
+    def centring_mask(self, dtype: torch.dtype) -> Tensor:
+        return self.member.to(dtype)
+
+    def lower_medians(self, p, g, group, count, work):
+        member = self.member.view(p.shape[0], -1)
+        if self._outside is None and member.device.type == "cpu":
+            self._outside = _Outside(self.member)
+        return row_lower_medians([p, g], member, count, self._outside, work)
+
+    def _arrange(self, x: Tensor, padded: bool = False) -> Tensor:
+        """``(B, H, W)`` (or already padded ``(B, cells*cell_h, cells*cell_w)``) -> ``(S, C)``."""
+        B = x.shape[0]
+        if not padded:
+            if self._rows is not None:
+                x = x.index_select(1, self._rows)
+            if self._cols is not None:
+                x = x.index_select(2, self._cols)
+        n, h, w = self.cells, self.cell_h, self.cell_w
+        x = x.reshape(B, n, h, n, w).permute(0, 1, 3, 2, 4).reshape(B, n * n, h * w)
+        if self._order is not None:
+            x = x.index_select(1, self._order)
+        return x.reshape(B * n * n, h * w)
+
+    def gather(self, x: Tensor) -> Tensor:
+        return self._arrange(x.view(self.shape))
+
+    def scatter(self, y: Tensor) -> Tensor:
+        B = self.shape[0]
+        n, h, w = self.cells, self.cell_h, self.cell_w
+        y = y.reshape(B, n * n, h * w)
+        if self._order_back is not None:
+            y = y.index_select(1, self._order_back)
+        y = y.reshape(B, n, n, h, w).permute(0, 1, 3, 2, 4).reshape(B, n * h, n * w)
+        if self._row_back is not None:
+            y = y.index_select(1, self._row_back)
+        if self._col_back is not None:
+            y = y.index_select(2, self._col_back)
+        return y.reshape(-1)
+
+
+class GatherLayout(RowLayout):
+    """Rows of pixels given by index: runs of an image-major pixel order (DR and DP bins).
+
+    Row ``i`` holds its ``length[i]`` members in the middle: ``front[i] = q // 2`` padding
+    entries before them and ``q - q // 2`` after (``q = C - length[i]``). For selections the
+    prediction's front padding reads ``-inf`` and its back padding ``+inf``; with ``q`` even
+    in every row, a row of any level then has as many entries below its members as it
+    needs for the lower median to sit at column ``(width - 1) // 2``. The one unpaired entry
+    of an odd ``q`` (the last column, the *swing*) is set per level so that the count holds.
+
+    Build with :meth:`from_runs`.
+    """
+
+    def __init__(self, index, member, front, length, groups, num_pixels):
+        self.index, self.member, self.front, self.length = index, member, front, length
+        self.groups, self.num_pixels = groups, num_pixels
+        self.swing = ((index.shape[1] - length) % 2).bool()
+        # pixel -> its entry (or the zero slot S * C past the end), for the backward gather
+        entries = index.numel()
+        dtype = torch.int32 if entries < 2**31 else torch.int64
+        inverse = torch.full((num_pixels + 2,), entries, dtype=dtype, device=index.device)
+        positions = torch.arange(entries, dtype=dtype, device=index.device)
+        self.inverse = inverse.index_copy_(0, index.view(-1).long(), positions)[:num_pixels]
+
+    @classmethod
+    def from_runs(cls, order: Tensor, start: Tensor, length: Tensor, width: int, levels: int) -> GatherLayout:
+        """Finest contexts as runs of a per-image pixel order.
+
+        Args:
+            order: ``(B, P)`` flat pixel indices, each image's pixels in the order of its runs.
+            start, length: ``(B, K)`` run starts and lengths (runs of one image ascending).
+            width: row width ``C >= max(length)``.
+            levels: ``L``, with ``K = 2**(L-1)`` (level ``l`` joins ``2**(L-1-l)`` runs).
+        """
+        B, P = order.shape
+        K = start.shape[1]
+        N, S = B * P, B * K
+        front = torch.div(width - length, 2, rounding_mode="floor").view(S)
+        length = length.reshape(S)
+        dtype = torch.int32 if N + 2 < 2**31 else torch.int64
+        column = torch.arange(width, dtype=dtype, device=order.device)
+        before = column < front.to(dtype).unsqueeze(1)  # front padding
+        after = column >= (front + length).to(dtype).unsqueeze(1)  # back padding
+        member = ~(before | after)
+        # entry -> position in ``order`` (flattened, extended by the two padding slots)
+        first = (start + torch.arange(B, device=order.device).unsqueeze(1) * P).view(S) - front
+        source = (column + first.to(dtype).unsqueeze(1)).masked_fill_(before, N).masked_fill_(after, N + 1)
+        extended = torch.cat([order.reshape(-1).to(dtype), torch.tensor([N, N + 1], dtype=dtype, device=order.device)])
+        index = extended.index_select(0, source.view(-1)).view(S, width)
+        groups = [2 ** (levels - 1 - lvl) for lvl in range(levels)]
+        return cls(index, member, front, length, groups, N)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """``(N,)`` -> ``(S, C)``, padding ``-inf`` before the members and ``+inf`` after."""
+        padded = torch.cat([x, torch.tensor([-float("inf"), float("inf")], dtype=x.dtype, device=x.device)])
+        return padded.index_select(0, self.index.view(-1)).view(self.index.shape)
+
+    def gather_pair(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        pair = self.gather(pred), self.gather(target)
+        self.index = None  # single use: the backward goes through ``inverse``
+        return pair
+
+    def centring_mask(self, dtype: torch.dtype) -> None:
+        return None
+
+    def lower_medians(self, p, g, group, count, work):
+        self.set_swing(p.view(self.member.shape), group)
+        self.set_swing(g.view(self.member.shape), group)
+        empty = count == 0
+        picked = padded_row_lower_medians([p, g], work)
+        return [(t.to(p.dtype).masked_fill_(empty, 0), c.to(torch.int64)) for t, c in picked]
+
+    def scatter(self, y: Tensor) -> Tensor:
+        padded = torch.cat([y.reshape(-1), y.new_zeros(1)])
+        return padded.index_select(0, self.inverse)
+
+    def set_swing(self, x: Tensor, group: int) -> None:
+        """Give the swing entries of ``x`` (``(S, C)``, infinite padding) the signs that put the
+        lower median of every row of the ``group`` view at column ``(group * C - 1) // 2``."""
+        S, C = x.shape
+        if not bool(self.swing.any()):
+            return
+        R = S // group
+        n = self.length.view(R, group).sum(1)
+        swing = self.swing.view(R, group)
+        m = swing.sum(1)
+        column = (group * C - 1) // 2
+        below = column - torch.div(n - 1, 2, rounding_mode="floor").clamp(min=0)
+        paired = (group * C - n - m) // 2  # front padding entries, all -inf
+        need = (below - paired).clamp(min=0)
+        low = swing & (torch.cumsum(swing, dim=1) <= need.unsqueeze(1))
+        inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
+        rows = self.swing.nonzero().squeeze(1)
+        x[:, C - 1].index_put_((rows,), torch.where(low.view(-1)[rows], -inf, inf))
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hdn-select")
+    return _POOL
+
+
+class _Workspace:
+    """Two scratch buffers shaped like ``like`` for one call, kept per thread on CPU.
+
+    Every level of a call reuses them (selection copies first, then the centred values),
+    and on CPU so does the next call: a fresh large buffer costs as much in page faults as
+    the arithmetic on it. On CUDA torch's caching allocator already recycles memory, so
+    nothing is kept. :func:`clear_workspace` releases what is kept.
+    """
+
+    def __init__(self, like: Tensor):
+        n = like.numel()
+        kept = getattr(_KEPT, "buffers", None) if like.device.type == "cpu" else None
+        if kept is None or kept[0].dtype != like.dtype or kept[0].numel() < n:
+            flat = [torch.empty(n, dtype=like.dtype, device=like.device) for _ in range(2)]
+            if like.device.type == "cpu":
+                _KEPT.buffers = flat
+            kept = flat
+        self.tensors = [b[:n].view(like.shape) for b in kept]
+
+    def view(self, index: int, rows: int) -> Tensor:
+        return self.tensors[index].view(rows, -1)
+
+    def array(self, index: int) -> np.ndarray:
+        return self.tensors[index].view(-1).numpy()
+
+
+_KEPT = threading.local()
+
+
+def clear_workspace() -> None:
+    """Release the scratch buffers that the row core keeps for this thread (CPU)."""
+    _KEPT.buffers = None
+
+
+def _select_numpy(
+    x: np.ndarray, column: int, outside: np.ndarray | None, fill: np.ndarray | None, buf: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``x`` (with ``fill`` at the flat positions ``outside``): the ``column``-th
+    smallest entry of each, and the first column of a member holding that value. ``buf``
+    (as large as ``x``) holds the partitioned copy, then the hit mask."""
+    filled = buf[: x.size].reshape(x.shape)
+    np.copyto(filled, x)
+    if outside is not None:
+        filled.reshape(-1)[outside] = fill
+    filled.partition(column, axis=1)
+    value = filled[:, column].copy()
+    hits = buf.view(np.bool_)[: x.size].reshape(x.shape)
+    np.equal(x, value[:, None], out=hits)
+    if outside is not None:
+        hits.reshape(-1)[outside] = False
+    return value, np.argmax(hits, axis=1)
+
+
+def _select_rows(
+    values: list[Tensor], column: int, work: _Workspace, outside: np.ndarray | None = None, fill: np.ndarray | None = None
+) -> list[tuple[Tensor, Tensor]]:
+    """``_select_numpy`` for each tensor (CPU), side by side in two threads when torch may
+    use two. Returns per tensor ``(value (R,), column (R,) int64)``."""
+    jobs = [(x.detach().numpy(), column, outside, fill, work.array(i)) for i, x in enumerate(values)]
+    if len(jobs) > 1 and torch.get_num_threads() > 1 and values[0].numel() >= 2**16:
+        done = list(_pool().map(lambda job: _select_numpy(*job), jobs))
+    else:
+        done = [_select_numpy(*job) for job in jobs]
+    return [(torch.from_numpy(v), torch.from_numpy(w).to(torch.int64)) for v, w in done]
+
+
+class _Outside:
+    """The entries outside the members of a layout, for filling rows before a selection.
+
+    Args:
+        member: ``(S, C)`` bool (CPU).
+    """
+
+    def __init__(self, member: Tensor):
+        self.positions = np.flatnonzero(~member.numpy())
+
+    def fill(self, width: int, count: np.ndarray, column: int) -> np.ndarray:
+        """``-inf``/``+inf`` for each outside entry in the ``(-1, width)`` view: in a row of
+        ``n`` members its first ``column - (n - 1) // 2`` outside entries go below."""
+        pos = self.positions
+        row = pos // width
+        # rank of each outside entry within its row, counted from 1
+        first = np.searchsorted(pos, np.arange(count.size) * width)
+        rank = np.arange(1, pos.size + 1) - first[row]
+        below = column - np.maximum((count - 1) // 2, 0)
+        return np.where(rank <= below[row], -np.inf, np.inf)
+
+
+def row_lower_medians(
+    values: list[Tensor], member: Tensor, count: Tensor, outside: _Outside | None = None, work: _Workspace | None = None
+) -> list[tuple[Tensor, Tensor]]:
+    """Lower median of the members of every row, and a column where it stands.
+
+    The entries outside the members become ``-inf`` or ``+inf``, ``column - (n - 1) // 2``
+    of them ``-inf`` in a row of ``n`` members, so that the members' lower median is the
+    ``column = (C - 1) // 2``-th smallest entry of every row: one selection for rows of any
+    member count. CPU: NumPy's introselect, the tensors side by side in two threads when
+    torch may use two; elsewhere :func:`torch.kthvalue`.
+
+    Args:
+        values: tensors ``(R, C)`` sharing the member pattern (finite everywhere).
+        member: ``(R, C)`` bool.
+        count: ``(R,)`` members per row.
+        outside: ``_Outside`` of the layout that ``member`` is a view of, if known.
+        work: selection buffers, if known.
+
+    Returns:
+        per tensor ``(median (R,), column (R,) int64)``; rows without members get median 0
+        and an arbitrary column.
+    """
+    C = member.shape[1]
+    column = (C - 1) // 2
+    empty = count == 0
+    if member.device.type != "cpu":
+        below = column - torch.div(count - 1, 2, rounding_mode="floor").clamp(min=0)
+        out = ~member
+        low = out & (torch.cumsum(out, dim=1) <= below.unsqueeze(1))
+        inf = torch.full((), float("inf"), dtype=values[0].dtype, device=member.device)
+        pad = torch.where(low, -inf, inf)
+        picked = [torch.kthvalue(torch.where(member, x, pad), column + 1, dim=1) for x in values]
+        return [(v.masked_fill(empty, 0), w) for v, w in picked]
+    if outside is None:
+        outside = _Outside(member)
+    if work is None:
+        work = _Workspace(values[0])
+    fill = outside.fill(C, count.numpy(), column)
+    picked = _select_rows(values, column, work, outside.positions, fill)
+    return [(v.to(values[0].dtype).masked_fill_(empty, 0), w) for v, w in picked]
+
+
+def padded_row_lower_medians(values: list[Tensor], work: _Workspace) -> list[tuple[Tensor, Tensor]]:
+    """Lower medians of rows whose padding already reads ``-inf``/``+inf`` in the right
+    numbers (:meth:`GatherLayout.set_swing`): each row's middle entry after selection.
+
+    Args:
+        values: tensors ``(R, C)``.
+        work: selection buffers.
+
+    Returns:
+        per tensor ``(median (R,), column (R,) int64)``; a row without members gives an
+        infinite median, which the caller replaces by 0.
+    """
+    column = (values[0].shape[1] - 1) // 2
+    if values[0].device.type != "cpu":
+        return [tuple(torch.kthvalue(x, column + 1, dim=1)) for x in values]  # type: ignore[misc]
+    return _select_rows(values, column, work)
+
+
+class RowHierarchicalSSI(torch.autograd.Function):
+    """HDN's ``"mean"`` aggregation over a :class:`RowLayout`.
+
+    ``forward(pred, target, valid, layout)`` with flat ``(N,)`` inputs, ``pred`` finite.
+    Every member pixel
+    is in exactly one context per level, so its loss is the mean of its ``L`` per-level
+    losses; the batch loss is their sum over the number of valid pixels. A batch without
+    a valid pixel gives 0 and a zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, pred: Tensor, target: Tensor, valid: Tensor, layout: RowLayout) -> Tensor:  # type: ignore[override]
+        zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
+        # ``pred`` is finite (the caller's check); non-finite targets are invalid.
+        P, G = layout.gather_pair(pred, torch.nan_to_num(target, 0.0, 0.0, 0.0))
+        mask = layout.centring_mask(pred.dtype)
+        S = P.shape[0]
+        work = _Workspace(P)
+        total = zero.clone()
+        saved = []
+        for group in layout.groups:
+            R = S // group
+            Pl, Gl = P.view(R, -1), G.view(R, -1)
+            n = layout.length.view(R, group).sum(1)
+            (tp, cp), (tg, cg) = layout.lower_medians(Pl, Gl, group, n, work)
+            n1 = (n + 1).to(pred.dtype)
+            dp = _centered(Pl, tp, mask, R, work.view(0, R))
+            dg = _centered(Gl, tg, mask, R, work.view(1, R))
+            ip = (torch.linalg.vector_norm(dp, 1, dim=1) / n1 + EPS).reciprocal_()
+            ig = (torch.linalg.vector_norm(dg, 1, dim=1) / n1 + EPS).reciprocal_()
+            diff = dp.mul_(ip.unsqueeze(1)).sub_(dg.mul_(ig.unsqueeze(1)))
+            total = total + torch.linalg.vector_norm(diff, 1)
+            saved.append((n, tp, ip, cp, tg, ig, cg, torch.sign(diff, out=dg).to(torch.int8)))
+        del work
+        n_valid = int(valid.sum())
+        scale = 1.0 / (len(layout.groups) * n_valid) if n_valid else 0.0
+        ctx.layout, ctx.saved, ctx.scale, ctx.mask = layout, saved, scale, mask
+        ctx.save_for_backward(P, G)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        need_p, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_p or need_g):
+            return None, None, None, None
+        P, G = ctx.saved_tensors
+        layout, mask = ctx.layout, ctx.mask
+        S = P.shape[0]
+        grad_p = torch.zeros_like(P) if need_p else None
+        grad_g = torch.zeros_like(G) if need_g else None
+        work = _Workspace(P)
+        for group, (n, tp, ip, cp, tg, ig, cg, sign) in zip(layout.groups, ctx.saved):
+            R = S // group
+            n1 = (n + 1).to(P.dtype)
+            r = work.view(0, R).copy_(sign.view(R, -1)).mul_(grad_output * ctx.scale)  # d loss / d p_hat
+            if need_p:
+                _row_normalization_backward(P.view(R, -1), mask, r, tp, ip, cp, n, n1, grad_p.view(R, -1), work)
+            if need_g:
+                _row_normalization_backward(G.view(R, -1), mask, r.neg_(), tg, ig, cg, n, n1, grad_g.view(R, -1), work)
+        del work
+        return (
+            layout.scatter(grad_p) if need_p else None,
+            layout.scatter(grad_g) if need_g else None,
+            None,
+            None,
+        )
+
+
+def _centered(x: Tensor, t: Tensor, mask: Tensor | None, rows: int, out: Tensor) -> Tensor:
+    """``x - t`` per row at the members and 0 elsewhere, into ``out``.
+
+    ``mask`` is the layout's float member mask, or ``None`` where every entry outside the
+    members is infinite (then the difference is infinite there and reset to 0)."""
+    centered = torch.sub(x, t.unsqueeze(1), out=out)
+    if mask is None:
+        return centered.nan_to_num_(0.0, 0.0, 0.0)
+    return centered.mul_(mask.view(rows, -1))
+
+
+def _row_normalization_backward(
+    x: Tensor,
+    mask: Tensor | None,
+    r: Tensor,
+    t: Tensor,
+    inv: Tensor,
+    col: Tensor,
+    n: Tensor,
+    n1: Tensor,
+    out: Tensor,
+    work: _Workspace,
+) -> None:
+    """Add to ``out`` the gradient of ``sum(r * x_hat)`` w.r.t. ``x`` for one level's rows.
+
+    With ``d = s + eps``, ``x_hat_i = (x_i - t) / d`` over the members and
+    ``s = sum_j |x_j - t| / (n + 1)``: ``dL/dx_i = r_i / d + dL/ds * sign(x_i - t) / (n + 1)``
+    directly, ``dL/ds = -sum_i r_i x_hat_i / d``, and
+    ``dL/dt = -sum_i r_i / d - dL/ds * sum_i sign(x_i - t) / (n + 1)`` goes to the median
+    entry, at ``col`` of each row (the derivation is in notebook 04).
+    """
+    R, C = x.shape
+    centered = _centered(x, t, mask, R, work.view(1, R))
+    d_scale_per_n = torch.linalg.vecdot(r, centered, dim=1).mul_(inv).mul_(inv).div_(n1).neg_()
+    sign = centered.sign_()
+    out.addcmul_(r, inv.unsqueeze(1)).addcmul_(sign, d_scale_per_n.unsqueeze(1))
+    d_shift = (-r.sum(1) * inv - d_scale_per_n * sign.sum(1)) * (n > 0)
+    flat = torch.arange(R, device=x.device) * C + col
+    out.view(-1).index_add_(0, flat, d_shift)
