@@ -133,15 +133,14 @@ def _prepare_target(target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor
         valid = valid & m
     if g.dtype in (torch.float16, torch.bfloat16):
         g = g.float()
-    g = torch.where(valid, g, torch.zeros((), dtype=g.dtype, device=g.device))
-    return g, valid
+    return g, valid  # invalid entries keep their (possibly non-finite) values
 
 
 class IntervalContexts(Contexts):
     """Nested depth-interval bins: bin ``i`` of level ``l`` holds ``lower <= g < upper``.
 
     Args:
-        target: ``(B, H, W)`` depth (finite where valid).
+        target: ``(B, H, W)`` depth (finite where valid; other entries are never read as depths).
         valid: ``(B, H, W)`` bool.
         lower: per level ``l``, ``(B, 2**l)`` lower bin edges (non-decreasing along bins).
         upper: per level ``l``, ``(B, 2**l)`` upper bin edges (non-decreasing along bins).
@@ -279,11 +278,8 @@ class IntervalContexts(Contexts):
         if B * (K + 1) >= 2**15:
             key = key.to(torch.int32)
         key += torch.arange(B, device=valid.device, dtype=key.dtype).unsqueeze(1) * (K + 1)
-        order = torch.sort(key.view(-1), stable=True).indices.view(B, P)
-        del key
-        start = torch.cumsum(length, dim=1) - length  # each image's bins first, in order
-        order = order.to(torch.int32) if N < 2**31 else order
-        return GatherLayout.from_runs(order, start, length, width, self.num_levels)
+        key, order = torch.sort(key.view(-1), stable=True)
+        return GatherLayout.from_runs(order.view(B, P), key.view(B, P), length, width, self.num_levels)
 
 
 def sorted_valid_values(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -293,7 +289,7 @@ def sorted_valid_values(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     use two; elsewhere :func:`torch.sort`."""
     B = target.shape[0]
     rows = torch.where(valid, target, float("inf")).reshape(B, -1)
-    count = valid.reshape(B, -1).sum(dim=1)
+    count = torch.count_nonzero(valid.reshape(B, -1), dim=1)
     if rows.device.type != "cpu":
         return torch.sort(rows, dim=1).values, count
     x = rows.numpy()

@@ -71,8 +71,11 @@ class RowLayout:
         """Members' lower medians and their columns for the rows of the ``group`` view."""
         raise NotImplementedError
 
-    def scatter(self, y: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """``(S, C)`` laid out, 0 outside members -> ``(N,)`` per pixel (0 for pixels in no row)."""
+    def add_scattered(
+        self, out: Tensor, work: _Workspace, index: int, spare: int | None = None
+    ) -> None:  # pragma: no cover - abstract
+        """Add workspace buffer ``index`` (laid out, 0 outside members) to ``out`` ``(N,)`` per
+        pixel; buffer ``spare``, if given, may serve as scratch."""
         raise NotImplementedError
 
 
@@ -147,7 +150,7 @@ class GridLayout(RowLayout):
         self.groups = [4 ** (levels - 1 - lvl) for lvl in range(levels)]
         real = torch.tensor(row_real, device=dev).view(-1, 1) & torch.tensor(col_real, device=dev).view(1, -1)
         self.member = self._arrange(valid.reshape(B, H, W)) & self._arrange(real.expand(B, -1, -1), padded=True)
-        self.length = self.member.sum(1)
+        self.length = torch.count_nonzero(self.member, dim=1)
         self._outside: _Outside | None = None
 
     def gather_pair(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,7 +182,11 @@ class GridLayout(RowLayout):
     def gather(self, x: Tensor) -> Tensor:
         return self._arrange(x.view(self.shape))
 
+    def add_scattered(self, out: Tensor, work: _Workspace, index: int, spare: int | None = None) -> None:
+        out.add_(self.scatter(work.tensors[index]))
+
     def scatter(self, y: Tensor) -> Tensor:
+        """``(S, C)`` laid out -> ``(N,)`` per pixel (padding dropped)."""
         B = self.shape[0]
         n, h, w = self.cells, self.cell_h, self.cell_w
         y = y.reshape(B, n * n, h * w)
@@ -203,47 +210,67 @@ class GatherLayout(RowLayout):
     needs for the lower median to sit at column ``(width - 1) // 2``. The one unpaired entry
     of an odd ``q`` (the last column, the *swing*) is set per level so that the count holds.
 
+    Attributes (beyond :class:`RowLayout`'s):
+        index: ``(S, C)`` flat pixel of every entry (``N``/``N + 1`` for padding); dropped
+            once the prediction and the target are laid out.
+        inverse: ``(N,)`` entry of every pixel, ``S * C`` for a pixel in no context.
+        front: ``(S,)`` padding entries before the members.
+
     Build with :meth:`from_runs`.
     """
 
-    def __init__(self, index, member, front, length, groups, num_pixels):
-        self.index, self.member, self.front, self.length = index, member, front, length
-        self.groups, self.num_pixels = groups, num_pixels
+    def __init__(self, index, front, length, inverse, groups, num_pixels):
+        self.index, self.front, self.length = index, front, length
+        self.inverse, self.groups, self.num_pixels = inverse, groups, num_pixels
+        self.shape = tuple(index.shape)
         self.swing = ((index.shape[1] - length) % 2).bool()
-        # pixel -> its entry (or the zero slot S * C past the end), for the backward gather
-        entries = index.numel()
-        dtype = torch.int32 if entries < 2**31 else torch.int64
-        inverse = torch.full((num_pixels + 2,), entries, dtype=dtype, device=index.device)
-        positions = torch.arange(entries, dtype=dtype, device=index.device)
-        self.inverse = inverse.index_copy_(0, index.view(-1).long(), positions)[:num_pixels]
+
+    @property
+    def member(self) -> Tensor:
+        """``(S, C)`` bool, made on request (the loss needs only ``front`` and ``length``)."""
+        column = torch.arange(self.shape[1], device=self.front.device)
+        return (column >= self.front.unsqueeze(1)) & (column < (self.front + self.length).unsqueeze(1))
 
     @classmethod
-    def from_runs(cls, order: Tensor, start: Tensor, length: Tensor, width: int, levels: int) -> GatherLayout:
-        """Finest contexts as runs of a per-image pixel order.
+    def from_runs(cls, order: Tensor, key: Tensor, length: Tensor, width: int, levels: int) -> GatherLayout:
+        """Finest contexts as runs of each image's pixels sorted by context.
 
         Args:
-            order: ``(B, P)`` flat pixel indices, each image's pixels in the order of its runs.
-            start, length: ``(B, K)`` run starts and lengths (runs of one image ascending).
+            order: ``(B, P)`` int64 flat pixel indices, each image's pixels sorted by ``key``.
+            key: ``(B, P)`` the sorted keys ``b * (K + 1) + k``, ``k = K`` for no context.
+            length: ``(B, K)`` pixels per context.
             width: row width ``C >= max(length)``.
             levels: ``L``, with ``K = 2**(L-1)`` (level ``l`` joins ``2**(L-1-l)`` runs).
         """
         B, P = order.shape
-        K = start.shape[1]
+        K = length.shape[1]
         N, S = B * P, B * K
+        dev = order.device
+        dtype = torch.int32 if max(N + 2, S * width + 1) < 2**31 else torch.int64
         front = torch.div(width - length, 2, rounding_mode="floor").view(S)
+        start = (torch.cumsum(length, dim=1) - length).view(S)  # within the image
         length = length.reshape(S)
-        dtype = torch.int32 if N + 2 < 2**31 else torch.int64
-        column = torch.arange(width, dtype=dtype, device=order.device)
-        before = column < front.to(dtype).unsqueeze(1)  # front padding
-        after = column >= (front + length).to(dtype).unsqueeze(1)  # back padding
-        member = ~(before | after)
-        # entry -> position in ``order`` (flattened, extended by the two padding slots)
-        first = (start + torch.arange(B, device=order.device).unsqueeze(1) * P).view(S) - front
-        source = (column + first.to(dtype).unsqueeze(1)).masked_fill_(before, N).masked_fill_(after, N + 1)
-        extended = torch.cat([order.reshape(-1).to(dtype), torch.tensor([N, N + 1], dtype=dtype, device=order.device)])
+        # pixel -> its entry, via its place in ``order``; pixels in no context -> the slot S * C
+        k = key.to(dtype) - torch.arange(B, device=dev, dtype=dtype).unsqueeze(1) * (K + 1)
+        none = k == K
+        row = k.clamp_(max=K - 1).add_(torch.arange(B, device=dev, dtype=dtype).unsqueeze(1) * K)
+        shift = (front - start).to(dtype).index_select(0, row.view(-1)).view(B, P)
+        entry = row.mul_(width).add_(shift).add_(torch.arange(P, device=dev, dtype=dtype)).masked_fill_(none, S * width)
+        del shift, none
+        inverse = torch.empty(N, dtype=dtype, device=dev).index_copy_(0, order.view(-1), entry.view(-1))
+        del entry, row, k
+        # entry -> pixel; padding -> N (reads -inf) before the members, N + 1 (+inf) after
+        column = torch.arange(width, dtype=dtype, device=dev)
+        before = column < front.to(dtype).unsqueeze(1)
+        after = column >= (front + length).to(dtype).unsqueeze(1)
+        first = (start + torch.arange(B, device=dev).repeat_interleave(K) * P - front).to(dtype)
+        source = column + first.unsqueeze(1)
+        source.masked_fill_(before, N).masked_fill_(after, N + 1)
+        del before, after
+        extended = torch.cat([order.view(-1).to(dtype), torch.tensor([N, N + 1], dtype=dtype, device=dev)])
         index = extended.index_select(0, source.view(-1)).view(S, width)
         groups = [2 ** (levels - 1 - lvl) for lvl in range(levels)]
-        return cls(index, member, front, length, groups, N)
+        return cls(index, front, length, inverse, groups, N)
 
     def gather(self, x: Tensor) -> Tensor:
         """``(N,)`` -> ``(S, C)``, padding ``-inf`` before the members and ``+inf`` after."""
@@ -259,15 +286,18 @@ class GatherLayout(RowLayout):
         return None
 
     def lower_medians(self, p, g, group, count, work):
-        self.set_swing(p.view(self.member.shape), group)
-        self.set_swing(g.view(self.member.shape), group)
+        self.set_swing(p.view(self.shape), group)
+        self.set_swing(g.view(self.shape), group)
         empty = count == 0
         picked = padded_row_lower_medians([p, g], work)
         return [(t.to(p.dtype).masked_fill_(empty, 0), c.to(torch.int64)) for t, c in picked]
 
-    def scatter(self, y: Tensor) -> Tensor:
-        padded = torch.cat([y.reshape(-1), y.new_zeros(1)])
-        return padded.index_select(0, self.inverse)
+    def add_scattered(self, out: Tensor, work: _Workspace, index: int, spare: int | None = None) -> None:
+        source = work.with_zero(index)
+        if spare is None:
+            out.add_(source.index_select(0, self.inverse))
+        else:  # the spare buffer holds at least N entries (see the backward)
+            out.add_(torch.index_select(source, 0, self.inverse, out=work.full[spare][: out.numel()]))
 
     def set_swing(self, x: Tensor, group: int) -> None:
         """Give the swing entries of ``x`` (``(S, C)``, infinite padding) the signs that put the
@@ -305,18 +335,27 @@ class _Workspace:
     nothing is kept. :func:`clear_workspace` releases what is kept.
     """
 
-    def __init__(self, like: Tensor):
+    def __init__(self, like: Tensor, at_least: int = 0):
         n = like.numel()
+        size = max(n + 1, at_least)
         kept = getattr(_KEPT, "buffers", None) if like.device.type == "cpu" else None
-        if kept is None or kept[0].dtype != like.dtype or kept[0].numel() < n:
-            flat = [torch.empty(n, dtype=like.dtype, device=like.device) for _ in range(2)]
+        if kept is None or kept[0].dtype != like.dtype or kept[0].numel() < size:
+            flat = [torch.empty(size, dtype=like.dtype, device=like.device) for _ in range(2)]
             if like.device.type == "cpu":
                 _KEPT.buffers = flat
             kept = flat
+        self._flat = [b[: n + 1] for b in kept]
         self.tensors = [b[:n].view(like.shape) for b in kept]
+        self.full = kept
 
     def view(self, index: int, rows: int) -> Tensor:
         return self.tensors[index].view(rows, -1)
+
+    def with_zero(self, index: int) -> Tensor:
+        """Buffer ``index`` flat, with one more entry, 0, at the end."""
+        flat = self._flat[index]
+        flat[-1] = 0
+        return flat
 
     def array(self, index: int) -> np.ndarray:
         return self.tensors[index].view(-1).numpy()
@@ -470,18 +509,20 @@ class RowHierarchicalSSI(torch.autograd.Function):
             n = layout.length.view(R, group).sum(1)
             (tp, cp), (tg, cg) = layout.lower_medians(Pl, Gl, group, n, work)
             n1 = (n + 1).to(pred.dtype)
-            dp = _centered(Pl, tp, mask, R, work.view(0, R))
-            dg = _centered(Gl, tg, mask, R, work.view(1, R))
-            ip = (torch.linalg.vector_norm(dp, 1, dim=1) / n1 + EPS).reciprocal_()
-            ig = (torch.linalg.vector_norm(dg, 1, dim=1) / n1 + EPS).reciprocal_()
-            diff = dp.mul_(ip.unsqueeze(1)).sub_(dg.mul_(ig.unsqueeze(1)))
-            total = total + torch.linalg.vector_norm(diff, 1)
+            # two buffers, no temporaries: |x - t| is summed in place, then x - t remade
+            dp, dg = work.view(0, R), work.view(1, R)
+            ip = (_centered(Pl, tp, mask, R, dg).abs_().sum(1) / n1 + EPS).reciprocal_()
+            ig = (_centered(Gl, tg, mask, R, dg).abs_().sum(1) / n1 + EPS).reciprocal_()
+            _centered(Pl, tp, mask, R, dp).mul_(ip.unsqueeze(1))
+            diff = dp.sub_(_centered(Gl, tg, mask, R, dg).mul_(ig.unsqueeze(1)))
             saved.append((n, tp, ip, cp, tg, ig, cg, torch.sign(diff, out=dg).to(torch.int8)))
+            total = total + diff.abs_().sum()
         del work
-        n_valid = int(valid.sum())
+        n_valid = int(torch.count_nonzero(valid))
         scale = 1.0 / (len(layout.groups) * n_valid) if n_valid else 0.0
         ctx.layout, ctx.saved, ctx.scale, ctx.mask = layout, saved, scale, mask
-        ctx.save_for_backward(P, G)
+        need_p, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(P if need_p else None, G if need_g else None)
         return total * scale
 
     @staticmethod
@@ -491,25 +532,23 @@ class RowHierarchicalSSI(torch.autograd.Function):
             return None, None, None, None
         P, G = ctx.saved_tensors
         layout, mask = ctx.layout, ctx.mask
-        S = P.shape[0]
-        grad_p = torch.zeros_like(P) if need_p else None
-        grad_g = torch.zeros_like(G) if need_g else None
-        work = _Workspace(P)
+        X = P if need_p else G
+        S = X.shape[0]
+        grad_p = X.new_zeros(layout.num_pixels) if need_p else None
+        grad_g = X.new_zeros(layout.num_pixels) if need_g else None
+        work = _Workspace(X, at_least=layout.num_pixels)
         for group, (n, tp, ip, cp, tg, ig, cg, sign) in zip(layout.groups, ctx.saved):
             R = S // group
-            n1 = (n + 1).to(P.dtype)
+            n1 = (n + 1).to(X.dtype)
             r = work.view(0, R).copy_(sign.view(R, -1)).mul_(grad_output * ctx.scale)  # d loss / d p_hat
             if need_p:
-                _row_normalization_backward(P.view(R, -1), mask, r, tp, ip, cp, n, n1, grad_p.view(R, -1), work)
+                _row_normalization_backward(P.view(R, -1), mask, r, tp, ip, cp, n, n1, work.view(1, R))
+                layout.add_scattered(grad_p, work, 1, spare=None if need_g else 0)  # r is used up
             if need_g:
-                _row_normalization_backward(G.view(R, -1), mask, r.neg_(), tg, ig, cg, n, n1, grad_g.view(R, -1), work)
+                _row_normalization_backward(G.view(R, -1), mask, r.neg_(), tg, ig, cg, n, n1, work.view(1, R))
+                layout.add_scattered(grad_g, work, 1, spare=0)
         del work
-        return (
-            layout.scatter(grad_p) if need_p else None,
-            layout.scatter(grad_g) if need_g else None,
-            None,
-            None,
-        )
+        return grad_p, grad_g, None, None
 
 
 def _centered(x: Tensor, t: Tensor, mask: Tensor | None, rows: int, out: Tensor) -> Tensor:
@@ -533,9 +572,8 @@ def _row_normalization_backward(
     n: Tensor,
     n1: Tensor,
     out: Tensor,
-    work: _Workspace,
 ) -> None:
-    """Add to ``out`` the gradient of ``sum(r * x_hat)`` w.r.t. ``x`` for one level's rows.
+    """The gradient of ``sum(r * x_hat)`` w.r.t. ``x`` for one level's rows, into ``out``.
 
     With ``d = s + eps``, ``x_hat_i = (x_i - t) / d`` over the members and
     ``s = sum_j |x_j - t| / (n + 1)``: ``dL/dx_i = r_i / d + dL/ds * sign(x_i - t) / (n + 1)``
@@ -544,10 +582,10 @@ def _row_normalization_backward(
     entry, at ``col`` of each row (the derivation is in notebook 04).
     """
     R, C = x.shape
-    centered = _centered(x, t, mask, R, work.view(1, R))
-    d_scale_per_n = torch.linalg.vecdot(r, centered, dim=1).mul_(inv).mul_(inv).div_(n1).neg_()
-    sign = centered.sign_()
-    out.addcmul_(r, inv.unsqueeze(1)).addcmul_(sign, d_scale_per_n.unsqueeze(1))
+    # sum_i r_i (x_i - t) in place in ``out``, then x - t remade there (no temporaries)
+    d_scale_per_n = _centered(x, t, mask, R, out).mul_(r).sum(1).mul_(inv).mul_(inv).div_(n1).neg_()
+    sign = _centered(x, t, mask, R, out).sign_()
     d_shift = (-r.sum(1) * inv - d_scale_per_n * sign.sum(1)) * (n > 0)
+    grad = sign.mul_(d_scale_per_n.unsqueeze(1)).addcmul_(r, inv.unsqueeze(1))
     flat = torch.arange(R, device=x.device) * C + col
-    out.view(-1).index_add_(0, flat, d_shift)
+    grad.view(-1).index_add_(0, flat, d_shift)
