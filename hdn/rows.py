@@ -71,11 +71,19 @@ class RowLayout:
         """Members' lower medians and their columns for the rows of the ``group`` view."""
         raise NotImplementedError
 
-    def add_scattered(
-        self, out: Tensor, work: _Workspace, index: int, spare: int | None = None
+    def gradient(self, like: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """A zero accumulator for one input's gradient (see :meth:`accumulate`)."""
+        raise NotImplementedError
+
+    def accumulate(
+        self, grad: Tensor, work: _Workspace, index: int, spare: int | None = None
     ) -> None:  # pragma: no cover - abstract
-        """Add workspace buffer ``index`` (laid out, 0 outside members) to ``out`` ``(N,)`` per
-        pixel; buffer ``spare``, if given, may serve as scratch."""
+        """Add workspace buffer ``index`` (laid out, 0 outside members) to ``grad``; buffer
+        ``spare``, if given, may serve as scratch."""
+        raise NotImplementedError
+
+    def per_pixel(self, grad: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The accumulated gradient as ``(N,)`` per pixel (0 for pixels in no row)."""
         raise NotImplementedError
 
 
@@ -154,7 +162,10 @@ class GridLayout(RowLayout):
         self._outside: _Outside | None = None
 
     def gather_pair(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        return self.gather(pred), self.gather(target)
+        G = self.gather(target)
+        # non-finite targets are invalid; the layout is a copy unless it is a view (L = 1)
+        G = torch.nan_to_num(G, 0.0, 0.0, 0.0) if G.data_ptr() == target.data_ptr() else G.nan_to_num_(0.0, 0.0, 0.0)
+        return self.gather(pred), G
 
     def centring_mask(self, dtype: torch.dtype) -> Tensor:
         return self.member.to(dtype)
@@ -182,8 +193,14 @@ class GridLayout(RowLayout):
     def gather(self, x: Tensor) -> Tensor:
         return self._arrange(x.view(self.shape))
 
-    def add_scattered(self, out: Tensor, work: _Workspace, index: int, spare: int | None = None) -> None:
-        out.add_(self.scatter(work.tensors[index]))
+    def gradient(self, like: Tensor) -> Tensor:
+        return torch.zeros_like(like)  # in the layout: one scatter at the end
+
+    def accumulate(self, grad: Tensor, work: _Workspace, index: int, spare: int | None = None) -> None:
+        grad.add_(work.tensors[index])
+
+    def per_pixel(self, grad: Tensor) -> Tensor:
+        return self.scatter(grad)
 
     def scatter(self, y: Tensor) -> Tensor:
         """``(S, C)`` laid out -> ``(N,)`` per pixel (padding dropped)."""
@@ -278,9 +295,10 @@ class GatherLayout(RowLayout):
         return padded.index_select(0, self.index.view(-1)).view(self.index.shape)
 
     def gather_pair(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        pair = self.gather(pred), self.gather(target)
+        P = self.gather(pred)
+        G = self.gather(torch.nan_to_num(target, 0.0, 0.0, 0.0))  # non-finite targets are invalid
         self.index = None  # single use: the backward goes through ``inverse``
-        return pair
+        return P, G
 
     def centring_mask(self, dtype: torch.dtype) -> None:
         return None
@@ -292,12 +310,18 @@ class GatherLayout(RowLayout):
         picked = padded_row_lower_medians([p, g], work)
         return [(t.to(p.dtype).masked_fill_(empty, 0), c.to(torch.int64)) for t, c in picked]
 
-    def add_scattered(self, out: Tensor, work: _Workspace, index: int, spare: int | None = None) -> None:
+    def gradient(self, like: Tensor) -> Tensor:
+        return like.new_zeros(self.num_pixels)  # per pixel: a gather per level
+
+    def accumulate(self, grad: Tensor, work: _Workspace, index: int, spare: int | None = None) -> None:
         source = work.with_zero(index)
         if spare is None:
-            out.add_(source.index_select(0, self.inverse))
+            grad.add_(source.index_select(0, self.inverse))
         else:  # the spare buffer holds at least N entries (see the backward)
-            out.add_(torch.index_select(source, 0, self.inverse, out=work.full[spare][: out.numel()]))
+            grad.add_(torch.index_select(source, 0, self.inverse, out=work.full[spare][: grad.numel()]))
+
+    def per_pixel(self, grad: Tensor) -> Tensor:
+        return grad
 
     def set_swing(self, x: Tensor, group: int) -> None:
         """Give the swing entries of ``x`` (``(S, C)``, infinite padding) the signs that put the
@@ -497,7 +521,7 @@ class RowHierarchicalSSI(torch.autograd.Function):
     def forward(ctx, pred: Tensor, target: Tensor, valid: Tensor, layout: RowLayout) -> Tensor:  # type: ignore[override]
         zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
         # ``pred`` is finite (the caller's check); non-finite targets are invalid.
-        P, G = layout.gather_pair(pred, torch.nan_to_num(target, 0.0, 0.0, 0.0))
+        P, G = layout.gather_pair(pred, target)
         mask = layout.centring_mask(pred.dtype)
         S = P.shape[0]
         work = _Workspace(P)
@@ -534,8 +558,8 @@ class RowHierarchicalSSI(torch.autograd.Function):
         layout, mask = ctx.layout, ctx.mask
         X = P if need_p else G
         S = X.shape[0]
-        grad_p = X.new_zeros(layout.num_pixels) if need_p else None
-        grad_g = X.new_zeros(layout.num_pixels) if need_g else None
+        grad_p = layout.gradient(X) if need_p else None
+        grad_g = layout.gradient(X) if need_g else None
         work = _Workspace(X, at_least=layout.num_pixels)
         for group, (n, tp, ip, cp, tg, ig, cg, sign) in zip(layout.groups, ctx.saved):
             R = S // group
@@ -543,12 +567,17 @@ class RowHierarchicalSSI(torch.autograd.Function):
             r = work.view(0, R).copy_(sign.view(R, -1)).mul_(grad_output * ctx.scale)  # d loss / d p_hat
             if need_p:
                 _row_normalization_backward(P.view(R, -1), mask, r, tp, ip, cp, n, n1, work.view(1, R))
-                layout.add_scattered(grad_p, work, 1, spare=None if need_g else 0)  # r is used up
+                layout.accumulate(grad_p, work, 1, spare=None if need_g else 0)  # r is used up
             if need_g:
                 _row_normalization_backward(G.view(R, -1), mask, r.neg_(), tg, ig, cg, n, n1, work.view(1, R))
-                layout.add_scattered(grad_g, work, 1, spare=0)
+                layout.accumulate(grad_g, work, 1, spare=0)
         del work
-        return grad_p, grad_g, None, None
+        return (
+            layout.per_pixel(grad_p) if need_p else None,
+            layout.per_pixel(grad_g) if need_g else None,
+            None,
+            None,
+        )
 
 
 def _centered(x: Tensor, t: Tensor, mask: Tensor | None, rows: int, out: Tensor) -> Tensor:
