@@ -289,7 +289,7 @@ def sorted_valid_values(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     use two; elsewhere :func:`torch.sort`."""
     B = target.shape[0]
     rows = torch.where(valid, target, float("inf")).reshape(B, -1)
-    count = torch.count_nonzero(valid.reshape(B, -1), dim=1)
+    count = valid.reshape(B, -1).sum(1, dtype=torch.int64)
     if rows.device.type != "cpu":
         return torch.sort(rows, dim=1).values, count
     x = rows.numpy()
@@ -379,7 +379,10 @@ def depth_range(target: Tensor, mask: Tensor | None = None, *, levels: int = 3) 
         [[0, 0, 0, 0], [1, 1, 1, -1]]
     """
     check_levels(levels)
-    g, valid = _prepare_target(target, mask)
+    return _depth_range(*_prepare_target(target, mask), levels)
+
+
+def _depth_range(g: Tensor, valid: Tensor, levels: int) -> IntervalContexts:
     sorted_rows, count = sorted_valid_values(g, valid)
     empty = (count == 0).unsqueeze(1)
     lo = sorted_rows[:, :1].masked_fill(empty, 0)
@@ -432,7 +435,10 @@ def depth_percentile(
         [[0, 0, 1, 1, -1]]
     """
     check_levels(levels)
-    g, valid = _prepare_target(target, mask)
+    return _depth_percentile(*_prepare_target(target, mask), levels)
+
+
+def _depth_percentile(g: Tensor, valid: Tensor, levels: int) -> IntervalContexts:
     sorted_rows, count = sorted_valid_values(g, valid)
     lower, upper = [], []
     for lvl in range(levels):
@@ -746,6 +752,11 @@ def check_contexts(contexts: object, shape: tuple[int, ...], device: torch.devic
 
 
 _BUILDERS = {"dr": depth_range, "dp": depth_percentile, "ds": spatial_grid}
+_CHECKED_BUILDERS = {
+    "dr": _depth_range,
+    "dp": _depth_percentile,
+    "ds": lambda g, valid, levels: GridContexts(valid, levels),
+}
 
 
 def build(name: str, target: Tensor, mask: Tensor | None = None, *, levels: int = 3) -> Contexts:
@@ -753,3 +764,14 @@ def build(name: str, target: Tensor, mask: Tensor | None = None, *, levels: int 
     if name not in _BUILDERS:
         raise ValueError(f"Invalid context: we expect one of {CONTEXT_NAMES} or a Contexts object. Got: {name!r}.")
     return _BUILDERS[name](target, mask, levels=levels)
+
+
+def build_checked(name: str, target: Tensor, valid: Tensor, levels: int) -> Contexts:
+    """:func:`build` for inputs that :func:`hdn._validation.check_depth_inputs` already checked:
+    ``target`` and ``valid`` ``(B, H, W)``, ``valid`` the finite and unmasked pixels."""
+    if name not in _CHECKED_BUILDERS:
+        raise ValueError(f"Invalid context: we expect one of {CONTEXT_NAMES} or a Contexts object. Got: {name!r}.")
+    g = target.detach()
+    if g.dtype in (torch.float16, torch.bfloat16):
+        g = g.float()
+    return _CHECKED_BUILDERS[name](g, valid, levels)

@@ -36,6 +36,11 @@ def contexts_loss(pred: Tensor, target: Tensor, mask: Tensor | None, contexts: _
     """
     p, g, valid = check_depth_inputs(pred, target, mask)
     _contexts.check_contexts(contexts, p.shape, p.device, name="context")
+    return _checked_loss(p, g, valid, contexts)
+
+
+def _checked_loss(p: Tensor, g: Tensor, valid: Tensor, contexts: _contexts.Contexts) -> Tensor:
+    """:func:`contexts_loss` on inputs from :func:`check_depth_inputs`, ``(B, H, W)``."""
     dtype = stats_dtype(p, g)
     valid = valid & contexts.valid
     p, g = p.to(dtype).reshape(-1), g.to(dtype).reshape(-1)
@@ -73,8 +78,8 @@ def ssi_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor
         >>> float(ssi_loss(3 * g + 5, g)) < 1e-4
         True
     """
-    check_depth_inputs(pred, target, mask)  # clear messages before building the context
-    return contexts_loss(pred, target, mask, _contexts.whole_image(target, mask))
+    p, g, valid = check_depth_inputs(pred, target, mask)
+    return _checked_loss(p, g, valid, _contexts.GridContexts(valid, 1))
 
 
 def hdn_loss(
@@ -116,12 +121,12 @@ def hdn_loss(
     """
     if isinstance(context, str):
         check_levels(levels)
-        check_depth_inputs(pred, target, mask)
+        p, g, valid = check_depth_inputs(pred, target, mask)
         if context not in _contexts.CONTEXT_NAMES:
             raise ValueError(
                 f"Invalid context: we expect one of {_contexts.CONTEXT_NAMES} or a Contexts object. Got: {context!r}."
             )
-        context = _contexts.build(context, target, mask, levels=levels)
+        return _checked_loss(p, g, valid, _contexts.build_checked(context, g, valid, levels))
     return contexts_loss(pred, target, mask, context)
 
 

@@ -36,6 +36,7 @@ from torch import Tensor
 from .segments import EPS
 
 _POOL: ThreadPoolExecutor | None = None
+_MAX_PERMUTED_BITS = 11  # 2 * 11 + 3 = 25 dimensions, the most a permuted copy takes
 
 
 class RowLayout:
@@ -149,16 +150,24 @@ class GridLayout(RowLayout):
         self._cols = _index(cols, len(cols) == W)
         self._row_back = _index(row_back, len(rows) == H)
         self._col_back = _index(col_back, len(cols) == W)
-        order = _quadtree_order(cells)
-        self._order = _index(order, cells <= 2)
+        # Quadtree order: cell bits (r_f-1, c_f-1, ..., r_0, c_0), most significant first. A
+        # permutation of the bit dimensions does it where the tensor's rank allows (2f + 3
+        # dimensions), an index over the cells otherwise.
+        f = levels - 1
+        self._bits = f if f <= _MAX_PERMUTED_BITS else None
+        rows_bits, col_bits = list(range(1, f + 1)), list(range(f + 2, 2 * f + 2))
+        self._to_quadtree = [0, *[d for pair in zip(rows_bits, col_bits) for d in pair], f + 1, 2 * f + 2]
+        self._from_quadtree = [self._to_quadtree.index(d) for d in range(2 * f + 3)]
+        order = _quadtree_order(cells) if self._bits is None else list(range(cells * cells))
+        self._order = _index(order, cells <= 2 or self._bits is not None)
         inverse = [0] * len(order)
         for i, z in enumerate(order):
             inverse[z] = i
-        self._order_back = _index(inverse, cells <= 2)
+        self._order_back = _index(inverse, cells <= 2 or self._bits is not None)
         self.groups = [4 ** (levels - 1 - lvl) for lvl in range(levels)]
         real = torch.tensor(row_real, device=dev).view(-1, 1) & torch.tensor(col_real, device=dev).view(1, -1)
         self.member = self._arrange(valid.reshape(B, H, W)) & self._arrange(real.expand(B, -1, -1), padded=True)
-        self.length = torch.count_nonzero(self.member, dim=1)
+        self.length = self.member.sum(1, dtype=torch.int64)
         self._outside: _Outside | None = None
 
     def gather_pair(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -185,6 +194,10 @@ class GridLayout(RowLayout):
             if self._cols is not None:
                 x = x.index_select(2, self._cols)
         n, h, w = self.cells, self.cell_h, self.cell_w
+        if self._bits is not None:  # quadtree order by a permutation of the cell-index bits
+            f = self._bits
+            x = x.reshape(B, *[2] * f, h, *[2] * f, w).permute(self._to_quadtree)
+            return x.reshape(B * n * n, h * w)
         x = x.reshape(B, n, h, n, w).permute(0, 1, 3, 2, 4).reshape(B, n * n, h * w)
         if self._order is not None:
             x = x.index_select(1, self._order)
@@ -206,6 +219,14 @@ class GridLayout(RowLayout):
         """``(S, C)`` laid out -> ``(N,)`` per pixel (padding dropped)."""
         B = self.shape[0]
         n, h, w = self.cells, self.cell_h, self.cell_w
+        if self._bits is not None:
+            f = self._bits
+            y = y.reshape(B, *[2] * (2 * f), h, w).permute(self._from_quadtree).reshape(B, n * h, n * w)
+            if self._row_back is not None:
+                y = y.index_select(1, self._row_back)
+            if self._col_back is not None:
+                y = y.index_select(2, self._col_back)
+            return y.reshape(-1)
         y = y.reshape(B, n * n, h * w)
         if self._order_back is not None:
             y = y.index_select(1, self._order_back)
@@ -295,8 +316,10 @@ class GatherLayout(RowLayout):
         return padded.index_select(0, self.index.view(-1)).view(self.index.shape)
 
     def gather_pair(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        P = self.gather(pred)
-        G = self.gather(torch.nan_to_num(target, 0.0, 0.0, 0.0))  # non-finite targets are invalid
+        target = torch.nan_to_num(target, 0.0, 0.0, 0.0)  # non-finite targets are invalid
+        # bounds of the members (all pixels' extremes) for spreading the padding
+        self._bounds = [(float(x.min()), float(x.max())) if x.numel() else None for x in (pred, target)]
+        P, G = self.gather(pred), self.gather(target)
         self.index = None  # single use: the backward goes through ``inverse``
         return P, G
 
@@ -307,7 +330,7 @@ class GatherLayout(RowLayout):
         self.set_swing(p.view(self.shape), group)
         self.set_swing(g.view(self.shape), group)
         empty = count == 0
-        picked = padded_row_lower_medians([p, g], work)
+        picked = padded_row_lower_medians([p, g], work, getattr(self, "_bounds", None))
         return [(t.to(p.dtype).masked_fill_(empty, 0), c.to(torch.int64)) for t, c in picked]
 
     def gradient(self, like: Tensor) -> Tensor:
@@ -393,16 +416,47 @@ def clear_workspace() -> None:
     _KEPT.buffers = None
 
 
+def _spread_ramps(bounds: tuple[float, float] | None, width: int, dtype) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per column, distinct values below ``bounds[0]`` and above ``bounds[1]``.
+
+    Introselect slows down by an order of magnitude on rows that are mostly copies of one
+    value (a small bin padded with ``-inf`` and ``+inf``). Clipping a row to these ramps
+    turns its infinite entries into distinct values on the same sides of every member, and
+    leaves the members (inside ``bounds``) as they are. ``None`` where the ramps would
+    overflow."""
+    if bounds is None:
+        return None
+    lo, hi = bounds
+    step = max(abs(lo), abs(hi), 1.0) * 2.0**-16
+    offsets = np.arange(1, width + 1, dtype=np.float64) * step
+    low, high = (lo - offsets).astype(dtype), (hi + offsets).astype(dtype)
+    if not (np.isfinite(low[-1]) and np.isfinite(high[-1])) or low[0] >= lo or high[0] <= hi:
+        return None
+    return low, high
+
+
 def _select_numpy(
-    x: np.ndarray, column: int, outside: np.ndarray | None, fill: np.ndarray | None, buf: np.ndarray
+    x: np.ndarray,
+    column: int,
+    outside: np.ndarray | None,
+    fill: np.ndarray | None,
+    buf: np.ndarray,
+    bounds: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ``x`` (with ``fill`` at the flat positions ``outside``): the ``column``-th
     smallest entry of each, and the first column of a member holding that value. ``buf``
-    (as large as ``x``) holds the partitioned copy, then the hit mask."""
+    (as large as ``x``) holds the partitioned copy, then the hit mask. With ``bounds`` (of
+    the members) the infinite entries are spread first (:func:`_spread_ramps`)."""
     filled = buf[: x.size].reshape(x.shape)
-    np.copyto(filled, x)
+    ramps = _spread_ramps(bounds, x.shape[1], x.dtype)
+    if ramps is not None and outside is None:  # (np.clip is several times slower)
+        np.minimum(np.maximum(x, ramps[0], out=filled), ramps[1], out=filled)
+    else:
+        np.copyto(filled, x)
     if outside is not None:
         filled.reshape(-1)[outside] = fill
+        if ramps is not None:
+            np.minimum(np.maximum(filled, ramps[0], out=filled), ramps[1], out=filled)
     filled.partition(column, axis=1)
     value = filled[:, column].copy()
     hits = buf.view(np.bool_)[: x.size].reshape(x.shape)
@@ -413,11 +467,17 @@ def _select_numpy(
 
 
 def _select_rows(
-    values: list[Tensor], column: int, work: _Workspace, outside: np.ndarray | None = None, fill: np.ndarray | None = None
+    values: list[Tensor],
+    column: int,
+    work: _Workspace,
+    outside: np.ndarray | None = None,
+    fill: np.ndarray | None = None,
+    bounds: list | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
     """``_select_numpy`` for each tensor (CPU), side by side in two threads when torch may
     use two. Returns per tensor ``(value (R,), column (R,) int64)``."""
-    jobs = [(x.detach().numpy(), column, outside, fill, work.array(i)) for i, x in enumerate(values)]
+    bounds = bounds or [None] * len(values)
+    jobs = [(x.detach().numpy(), column, outside, fill, work.array(i), bounds[i]) for i, x in enumerate(values)]
     if len(jobs) > 1 and torch.get_num_threads() > 1 and values[0].numel() >= 2**16:
         done = list(_pool().map(lambda job: _select_numpy(*job), jobs))
     else:
@@ -489,13 +549,16 @@ def row_lower_medians(
     return [(v.to(values[0].dtype).masked_fill_(empty, 0), w) for v, w in picked]
 
 
-def padded_row_lower_medians(values: list[Tensor], work: _Workspace) -> list[tuple[Tensor, Tensor]]:
+def padded_row_lower_medians(
+    values: list[Tensor], work: _Workspace, bounds: list[tuple[float, float]] | None = None
+) -> list[tuple[Tensor, Tensor]]:
     """Lower medians of rows whose padding already reads ``-inf``/``+inf`` in the right
     numbers (:meth:`GatherLayout.set_swing`): each row's middle entry after selection.
 
     Args:
         values: tensors ``(R, C)``.
         work: selection buffers.
+        bounds: per tensor, a lower and an upper bound of its members, if known.
 
     Returns:
         per tensor ``(median (R,), column (R,) int64)``; a row without members gives an
@@ -504,7 +567,7 @@ def padded_row_lower_medians(values: list[Tensor], work: _Workspace) -> list[tup
     column = (values[0].shape[1] - 1) // 2
     if values[0].device.type != "cpu":
         return [tuple(torch.kthvalue(x, column + 1, dim=1)) for x in values]  # type: ignore[misc]
-    return _select_rows(values, column, work)
+    return _select_rows(values, column, work, bounds=bounds)
 
 
 class RowHierarchicalSSI(torch.autograd.Function):
@@ -542,7 +605,7 @@ class RowHierarchicalSSI(torch.autograd.Function):
             saved.append((n, tp, ip, cp, tg, ig, cg, torch.sign(diff, out=dg).to(torch.int8)))
             total = total + diff.abs_().sum()
         del work
-        n_valid = int(torch.count_nonzero(valid))
+        n_valid = int(valid.sum(dtype=torch.int64))
         scale = 1.0 / (len(layout.groups) * n_valid) if n_valid else 0.0
         ctx.layout, ctx.saved, ctx.scale, ctx.mask = layout, saved, scale, mask
         need_p, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
