@@ -9,8 +9,8 @@ the table on CUDA when a GPU is present.
 Every measurement runs in a fresh subprocess so that peak memory is its own: on CPU the
 peak resident set size above the baseline taken after the inputs were built and one
 16x16 call had paged in the code; on CUDA ``torch.cuda.max_memory_allocated`` above the
-inputs. Times are medians of repeats after
-a warm-up. Use ``--quick`` for a smaller configuration.
+inputs. Times are medians of repeats after three warm-up calls (steady state, as in a
+training loop). Use ``--quick`` for a smaller configuration.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def _worker(args: argparse.Namespace) -> None:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
         print(json.dumps({"peak": max(peak, 0)}))
         return
-    step()  # warm-up
+    for _ in range(3):  # warm-up: first calls also grow the allocator's heap and thread pools
+        step()
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()

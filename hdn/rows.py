@@ -429,8 +429,11 @@ def _spread_ramps(bounds: tuple[float, float] | None, width: int, dtype) -> tupl
     lo, hi = bounds
     step = max(abs(lo), abs(hi), 1.0) * 2.0**-16
     offsets = np.arange(1, width + 1, dtype=np.float64) * step
+    largest = float(np.finfo(dtype).max)
+    if not (lo - offsets[-1] > -largest and hi + offsets[-1] < largest):
+        return None
     low, high = (lo - offsets).astype(dtype), (hi + offsets).astype(dtype)
-    if not (np.isfinite(low[-1]) and np.isfinite(high[-1])) or low[0] >= lo or high[0] <= hi:
+    if low[0] >= lo or high[0] <= hi:
         return None
     return low, high
 
