@@ -15,7 +15,9 @@ other levels use the values' order, made once per call by a radix sort of an
 order-preserving integer key, and find each segment's median in a (segment, rank bucket)
 histogram; depth-interval levels read their target medians straight off that order.
 
-:class:`HierarchicalSSI` is the autograd function behind :func:`hdn.hdn_loss`. Its
+:class:`HierarchicalSSI` is the autograd function behind :func:`hdn.contexts_loss` for
+contexts that are not nested partitions (overlapping DR bins, the random variants, label
+maps); DS, DR, DP and SSI run on :mod:`hdn.rows`, the same semantics on padded rows. Its
 backward is written out analytically (the derivation is in notebook 04), so that only
 per-segment statistics are kept between forward and backward: memory grows with
 pixels x levels, not with the number of contexts.
