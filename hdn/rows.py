@@ -4,28 +4,32 @@ DS grids, DR and DP bins and the whole image share a structure that the general 
 core (:mod:`hdn.segments`) does not exploit: every level is a *partition* of the same
 member pixels, and each context of level ``l`` is the union of consecutive contexts of the
 finest level. A :class:`RowLayout` copies the batch once into a ``(S, C)`` array, one
-padded row per finest context (image-major, DS cells in quadtree order, DR/DP bins in
+padded row per finest context (image-major; DS cells in quadtree order, DR/DP bins in
 depth order); then the contexts of level ``l`` are simply the rows of the *view*
 ``(S / g_l, g_l * C)``, with ``g_l`` finest contexts per row. Every per-context statistic
-is a row reduction and every broadcast a view: no scatter, no per-level gather, and the
-loss of a member pixel is the mean of its ``L`` per-level losses.
+is a row reduction and every broadcast a view, and the loss of a member pixel is the mean
+of its ``L`` per-level losses.
 
 Medians are row selections. On CPU they run in NumPy's introselect
 (:func:`numpy.partition`, several times faster than :func:`torch.median` along a
-dimension), on the prediction and the target side by side in two threads; elsewhere in
+dimension), the prediction and the target side by side in two threads; elsewhere in
 :func:`torch.kthvalue`. A row whose members do not fill it gets ``-inf`` and ``+inf`` in
 its other entries, so many that the lower median of the members sits at the same column
-``(width - 1) // 2`` of every row: one selection serves rows of any member count.
+``(width - 1) // 2`` of every row: one selection serves rows of any member count. Before a
+selection those entries are spread into distinct values on the same sides, since
+introselect slows down tenfold on rows made mostly of one repeated value.
 
 :class:`RowHierarchicalSSI` is the loss (forward and an analytic backward, the same
-derivation as :func:`hdn.segments._normalization_backward`). It keeps the two laid-out
-tensors, an int8 sign per level and per-row statistics: memory grows with pixels x
-levels, not with the number of contexts.
+derivation as :func:`hdn.segments._normalization_backward`). Between forward and backward
+it keeps the laid-out prediction (and the target where its gradient is wanted), an int8
+sign per level and per-row statistics: memory grows with pixels x levels, not with the
+number of contexts. Two scratch buffers per thread are kept from call to call on CPU
+(:func:`clear_workspace` releases them).
 """
-
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,6 +40,7 @@ from torch import Tensor
 from .segments import EPS
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_PID = 0
 _MAX_PERMUTED_BITS = 11  # 2 * 11 + 3 = 25 dimensions, the most a permuted copy takes
 
 
@@ -367,9 +372,11 @@ class GatherLayout(RowLayout):
 
 
 def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hdn-select")
+    """Two worker threads for the selections, made anew in a forked child (whose copy of
+    the parent's pool has no threads)."""
+    global _POOL, _POOL_PID
+    if _POOL is None or _POOL_PID != os.getpid():
+        _POOL, _POOL_PID = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hdn-select"), os.getpid()
     return _POOL
 
 

@@ -256,3 +256,4 @@ def test_losses_from_two_threads_at_once_equal_the_sequential_ones():
     for t in threads:
         t.join()
     assert got == want
+
