@@ -289,7 +289,7 @@ def sorted_valid_values(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     use two; elsewhere :func:`torch.sort`."""
     B = target.shape[0]
     rows = torch.where(valid, target, float("inf")).reshape(B, -1)
-    count = valid.reshape(B, -1).sum(1, dtype=torch.int64)
+    count = torch.count_nonzero(valid.reshape(B, -1), dim=1)
     if rows.device.type != "cpu":
         return torch.sort(rows, dim=1).values, count
     x = rows.numpy()

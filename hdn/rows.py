@@ -172,7 +172,7 @@ class GridLayout(RowLayout):
         self.groups = [4 ** (levels - 1 - lvl) for lvl in range(levels)]
         real = torch.tensor(row_real, device=dev).view(-1, 1) & torch.tensor(col_real, device=dev).view(1, -1)
         self.member = self._arrange(valid.reshape(B, H, W)) & self._arrange(real.expand(B, -1, -1), padded=True)
-        self.length = self.member.sum(1, dtype=torch.int64)
+        self.length = torch.count_nonzero(self.member, dim=1)  # (a dtype= sum would copy the mask)
         self._outside: _Outside | None = None
 
     def gather_pair(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -615,7 +615,7 @@ class RowHierarchicalSSI(torch.autograd.Function):
             saved.append((n, tp, ip, cp, tg, ig, cg, torch.sign(diff, out=dg).to(torch.int8)))
             total = total + diff.abs_().sum()
         del work
-        n_valid = int(valid.sum(dtype=torch.int64))
+        n_valid = int(torch.count_nonzero(valid))  # (valid.sum() would copy it as int64)
         scale = 1.0 / (len(layout.groups) * n_valid) if n_valid else 0.0
         ctx.layout, ctx.saved, ctx.scale, ctx.mask = layout, saved, scale, mask
         need_p, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
