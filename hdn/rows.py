@@ -174,6 +174,7 @@ class GridLayout(RowLayout):
         self.member = self._arrange(valid.reshape(B, H, W)) & self._arrange(real.expand(B, -1, -1), padded=True)
         self.length = torch.count_nonzero(self.member, dim=1)  # (a dtype= sum would copy the mask)
         self._outside: _Outside | None = None
+        self._bounds: list[tuple[float, float]] | None = None
 
     def gather_pair(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         G = self.gather(target)
@@ -188,7 +189,10 @@ class GridLayout(RowLayout):
         member = self.member.view(p.shape[0], -1)
         if self._outside is None and member.device.type == "cpu":
             self._outside = _Outside(self.member)
-        return row_lower_medians([p, g], member, count, self._outside, work)
+            # many entries outside the members (sparse ground truth): spread their fills
+            if 8 * self._outside.positions.size > member.numel():
+                self._bounds = [(float(x.min()), float(x.max())) for x in (p, g)]
+        return row_lower_medians([p, g], member, count, self._outside, work, self._bounds)
 
     def _arrange(self, x: Tensor, padded: bool = False) -> Tensor:
         """``(B, H, W)`` (or already padded ``(B, cells*cell_h, cells*cell_w)``) -> ``(S, C)``."""
@@ -518,7 +522,12 @@ class _Outside:
 
 
 def row_lower_medians(
-    values: list[Tensor], member: Tensor, count: Tensor, outside: _Outside | None = None, work: _Workspace | None = None
+    values: list[Tensor],
+    member: Tensor,
+    count: Tensor,
+    outside: _Outside | None = None,
+    work: _Workspace | None = None,
+    bounds: list[tuple[float, float]] | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
     """Lower median of the members of every row, and a column where it stands.
 
@@ -534,6 +543,7 @@ def row_lower_medians(
         count: ``(R,)`` members per row.
         outside: ``_Outside`` of the layout that ``member`` is a view of, if known.
         work: selection buffers, if known.
+        bounds: per tensor, bounds of its members, to spread the fills (see :func:`_spread_ramps`).
 
     Returns:
         per tensor ``(median (R,), column (R,) int64)``; rows without members get median 0
@@ -555,7 +565,7 @@ def row_lower_medians(
     if work is None:
         work = _Workspace(values[0])
     fill = outside.fill(C, count.numpy(), column)
-    picked = _select_rows(values, column, work, outside.positions, fill)
+    picked = _select_rows(values, column, work, outside.positions, fill, bounds)
     return [(v.to(values[0].dtype).masked_fill_(empty, 0), w) for v, w in picked]
 
 

@@ -117,9 +117,10 @@ def _lower_median(values: torch.Tensor) -> float:
     return float(values.sort().values[(values.numel() - 1) // 2])
 
 
+@pytest.mark.parametrize("spread", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_row_lower_medians_match_a_sort_for_any_member_count(dtype, threads):
+def test_row_lower_medians_match_a_sort_for_any_member_count(dtype, threads, spread):
     gen = torch.Generator().manual_seed(3)
     R, W = 40, 3000  # large enough for the two-thread path
     values = [torch.randn(R, W, generator=gen, dtype=dtype), torch.randint(0, 5, (R, W), generator=gen).to(dtype)]
@@ -130,8 +131,9 @@ def test_row_lower_medians_match_a_sort_for_any_member_count(dtype, threads):
     count = member.sum(1)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    bounds = [(float(x.min()), float(x.max())) for x in values] if spread else None
     try:
-        picked = rows.row_lower_medians(values, member, count)
+        picked = rows.row_lower_medians(values, member, count, bounds=bounds)
     finally:
         torch.set_num_threads(before)
     for x, (median, column) in zip(values, picked):
