@@ -72,7 +72,7 @@ class Contexts:
     def level(self, index: int) -> ContextLevel:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def row_layout(self, valid: Tensor) -> RowLayout | None:
+    def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RowLayout | None:
         """The levels as padded rows (:mod:`hdn.rows`) for the valid pixels ``(B, H, W)``, or
         ``None`` where they are not nested partitions of one member set (then the loss uses
         the general segment core)."""
@@ -193,6 +193,8 @@ class IntervalContexts(Contexts):
         self._count = count
         # bins overlap where a run starts before its predecessor ends
         self.overlapping = bool((self._start[:, 1:] < self._end[:, :-1]).any())
+        self._target_version = target._version
+        self._medians = None if self.overlapping else _run_medians(rows, self._start, self._end, L)
         self._order: Tensor | None = None
         self._pixel_bins: tuple[Tensor, Tensor | None] | None = None
 
@@ -259,13 +261,15 @@ class IntervalContexts(Contexts):
         # found where inside, K elsewhere
         return found.mul_(inside).add_((~inside).to(dtype).mul_(K))
 
-    def row_layout(self, valid: Tensor) -> RowLayout | None:
+    def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RowLayout | None:
         """Finest bins as rows of their pixels (:class:`hdn.rows.GatherLayout`).
 
         The pixels are grouped by (image, finest bin) with one stable radix sort of small
         keys. ``None`` when bins overlap, when ``valid`` is not the contexts' own mask, or
         when the longest finest bin would pad the rows to more than twice the pixel count
-        (then the loss uses the general segment core)."""
+        (then the loss uses the general segment core). If ``target`` is (unchanged) the
+        depth these contexts were built from, the layout carries every bin's median depth,
+        read off the sorted depths when the contexts were made."""
         if self.overlapping or not torch.equal(valid, self.valid):
             return None
         B, H, W = self.shape
@@ -279,7 +283,16 @@ class IntervalContexts(Contexts):
             key = key.to(torch.int32)
         key += torch.arange(B, device=valid.device, dtype=key.dtype).unsqueeze(1) * (K + 1)
         key, order = torch.sort(key.view(-1), stable=True)
-        return GatherLayout.from_runs(order.view(B, P), key.view(B, P), length, width, self.num_levels)
+        layout = GatherLayout.from_runs(order.view(B, P), key.view(B, P), length, width, self.num_levels)
+        same = (
+            target is not None
+            and target.data_ptr() == self._target.data_ptr()
+            and target.shape == self._target.shape
+            and target.dtype == self._target.dtype
+            and target._version == self._target_version
+        )
+        layout.target_medians = self._medians if same else None
+        return layout
 
 
 def sorted_valid_values(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -299,6 +312,29 @@ def sorted_valid_values(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     else:
         x.sort(axis=1)
     return rows, count
+
+
+def _run_medians(rows: Tensor, start: Tensor, end: Tensor, levels: int) -> list[Tensor]:
+    """Per level, the lower median depth of every bin, ``(B, 2**l)`` (0 for an empty bin).
+
+    A bin of level ``l`` is ``2**(L-1-l)`` consecutive finest runs ``[start, end)`` of the
+    sorted depths ``rows``; its ``(n - 1) // 2``-th member sits in the run where the
+    running count passes it."""
+    length = (end - start).clamp(min=0)
+    B = length.shape[0]
+    out = []
+    for lvl in range(levels):
+        group = 2 ** (levels - 1 - lvl)
+        parts = length.view(B, -1, group)
+        n = parts.sum(2)
+        k = torch.div(n - 1, 2, rounding_mode="floor").clamp(min=0)
+        ends = torch.cumsum(parts, dim=2)
+        j = (ends <= k.unsqueeze(2)).sum(2).clamp(max=group - 1)
+        before = torch.where(j > 0, ends.gather(2, (j - 1).clamp(min=0).unsqueeze(2)).squeeze(2), 0)
+        first = start.view(B, -1, group).gather(2, j.unsqueeze(2)).squeeze(2)
+        position = (first + k - before).clamp(max=rows.shape[1] - 1)
+        out.append(rows.gather(1, position).masked_fill_(n == 0, 0))
+    return out
 
 
 def _bins_of_runs(
@@ -470,7 +506,7 @@ class GridContexts(Contexts):
         self.valid = valid
         self.num_levels = levels
 
-    def row_layout(self, valid: Tensor) -> RowLayout:
+    def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RowLayout:
         """Finest cells as rows in quadtree order (:class:`hdn.rows.GridLayout`)."""
         return GridLayout(valid.view(self.shape), self.num_levels)
 

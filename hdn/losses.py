@@ -43,6 +43,7 @@ def _checked_loss(p: Tensor, g: Tensor, valid: Tensor, contexts: _contexts.Conte
     """:func:`contexts_loss` on inputs from :func:`check_depth_inputs`, ``(B, H, W)``."""
     dtype = stats_dtype(p, g)
     valid = valid & contexts.valid
+    target = g
     p, g = p.to(dtype).reshape(-1), g.to(dtype).reshape(-1)
     # The row core takes nested partitions (DS, DR, DP, whole image) and a finite
     # prediction; a prediction that is not finite at a valid pixel must give a non-finite
@@ -52,7 +53,7 @@ def _checked_loss(p: Tensor, g: Tensor, valid: Tensor, contexts: _contexts.Conte
         p = torch.where(valid.reshape(-1), p, 0)
         finite = bool(torch.isfinite(p.sum()))
     rows = contexts.aggregation == "mean" and not contexts.detach_pred_median and finite
-    layout = contexts.row_layout(valid) if rows else None
+    layout = contexts.row_layout(valid, target) if rows else None
     if layout is not None:
         return RowHierarchicalSSI.apply(p, g, valid.reshape(-1), layout)
     return HierarchicalSSI.apply(p, g, valid.reshape(-1), contexts)

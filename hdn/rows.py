@@ -271,6 +271,7 @@ class GatherLayout(RowLayout):
         self.inverse, self.groups, self.num_pixels = inverse, groups, num_pixels
         self.shape = tuple(index.shape)
         self.swing = ((index.shape[1] - length) % 2).bool()
+        self.target_medians: list[Tensor] | None = None  # per level (B, 2**l), if known
 
     @property
     def member(self) -> Tensor:
@@ -337,8 +338,21 @@ class GatherLayout(RowLayout):
 
     def lower_medians(self, p, g, group, count, work):
         self.set_swing(p.view(self.shape), group)
-        self.set_swing(g.view(self.shape), group)
         empty = count == 0
+        if self.target_medians is not None:  # the target's medians are known: find a pixel
+            tg = self.target_medians[self.groups.index(group)].reshape(-1).to(g.dtype)
+            if g.device.type != "cpu":
+                ((tp, cp),) = padded_row_lower_medians([p], work)
+                cg = (g == tg.unsqueeze(1)).to(torch.uint8).argmax(1)
+                return [(tp.masked_fill(empty, 0), cp), (tg, cg)]
+            column, bounds = (p.shape[1] - 1) // 2, getattr(self, "_bounds", None)
+            threaded = torch.get_num_threads() > 1 and p.numel() >= 2**16
+            job = _pool().submit(_select_rows, [p], column, work, None, None, bounds) if threaded else None
+            hits = work.array(1).view(np.bool_)[: g.numel()].reshape(g.shape)  # pads (+-inf) never hit
+            cg = torch.from_numpy(np.argmax(np.equal(g.detach().numpy(), tg.numpy()[:, None], out=hits), axis=1))
+            ((tp, cp),) = job.result() if threaded else _select_rows([p], column, work, None, None, bounds)
+            return [(tp.to(p.dtype).masked_fill_(empty, 0), cp), (tg, cg.to(torch.int64))]
+        self.set_swing(g.view(self.shape), group)
         picked = padded_row_lower_medians([p, g], work, getattr(self, "_bounds", None))
         return [(t.to(p.dtype).masked_fill_(empty, 0), c.to(torch.int64)) for t, c in picked]
 

@@ -259,3 +259,25 @@ def test_losses_from_two_threads_at_once_equal_the_sequential_ones():
         t.join()
     assert got == want
 
+
+
+@pytest.mark.parametrize("name", ["dr", "dp"])
+def test_bin_medians_read_at_build_time_equal_the_selected_ones_and_follow_the_target(name):
+    gen = torch.Generator().manual_seed(8)
+    g = 1 + torch.rand(2, 1, 40, 50, generator=gen, dtype=torch.float64)
+    g[0, 0, :3] = float("nan")
+    p = torch.randn(g.shape, generator=gen, dtype=torch.float64)
+    ctx = C.build(name, g, levels=4)
+    assert ctx.row_layout(ctx.valid, g[:, 0]).target_medians is not None
+    assert ctx.row_layout(ctx.valid, g[:, 0].clone()).target_medians is None  # another tensor: selected
+
+    def loss_and_grad(target):
+        leaf = p.clone().requires_grad_(True)
+        loss = hdn.contexts_loss(leaf, target, None, ctx)
+        loss.backward()
+        return loss.detach(), leaf.grad
+
+    known, selected = loss_and_grad(g), loss_and_grad(g.clone())
+    torch.testing.assert_close(known, selected, rtol=1e-12, atol=0)
+    g[1, 0, 5, 5] += 0.5  # changed in place after the contexts were built: no longer trusted
+    assert ctx.row_layout(ctx.valid, g[:, 0]).target_medians is None
