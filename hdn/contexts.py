@@ -270,7 +270,7 @@ class IntervalContexts(Contexts):
         (then the loss uses the general segment core). If ``target`` is (unchanged) the
         depth these contexts were built from, the layout carries every bin's median depth,
         read off the sorted depths when the contexts were made."""
-        if self.overlapping or not torch.equal(valid, self.valid):
+        if self.overlapping or not (valid is self.valid or torch.equal(valid, self.valid)):
             return None
         B, H, W = self.shape
         P, N, K = H * W, B * H * W, self.lower[-1].shape[1]

@@ -42,7 +42,8 @@ def contexts_loss(pred: Tensor, target: Tensor, mask: Tensor | None, contexts: _
 def _checked_loss(p: Tensor, g: Tensor, valid: Tensor, contexts: _contexts.Contexts) -> Tensor:
     """:func:`contexts_loss` on inputs from :func:`check_depth_inputs`, ``(B, H, W)``."""
     dtype = stats_dtype(p, g)
-    valid = valid & contexts.valid
+    if valid is not contexts.valid:  # (contexts built here share the mask)
+        valid = valid & contexts.valid
     target = g
     p, g = p.to(dtype).reshape(-1), g.to(dtype).reshape(-1)
     # The row core takes nested partitions (DS, DR, DP, whole image) and a finite

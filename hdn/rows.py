@@ -345,7 +345,7 @@ class GatherLayout(RowLayout):
                 ((tp, cp),) = padded_row_lower_medians([p], work)
                 cg = (g == tg.unsqueeze(1)).to(torch.uint8).argmax(1)
                 return [(tp.masked_fill(empty, 0), cp), (tg, cg)]
-            column, bounds = (p.shape[1] - 1) // 2, getattr(self, "_bounds", None)
+            column, bounds = (p.shape[1] - 1) // 2, self._spread_bounds(count, p.shape[1])
             threaded = torch.get_num_threads() > 1 and p.numel() >= 2**16
             job = _pool().submit(_select_rows, [p], column, work, None, None, bounds) if threaded else None
             hits = work.array(1).view(np.bool_)[: g.numel()].reshape(g.shape)  # pads (+-inf) never hit
@@ -353,8 +353,12 @@ class GatherLayout(RowLayout):
             ((tp, cp),) = job.result() if threaded else _select_rows([p], column, work, None, None, bounds)
             return [(tp.to(p.dtype).masked_fill_(empty, 0), cp), (tg, cg.to(torch.int64))]
         self.set_swing(g.view(self.shape), group)
-        picked = padded_row_lower_medians([p, g], work, getattr(self, "_bounds", None))
+        picked = padded_row_lower_medians([p, g], work, self._spread_bounds(count, p.shape[1]))
         return [(t.to(p.dtype).masked_fill_(empty, 0), c.to(torch.int64)) for t, c in picked]
+
+    def _spread_bounds(self, count: Tensor, width: int) -> list | None:
+        """The members' bounds where some row is mostly padding (then spreading pays), else ``None``."""
+        return getattr(self, "_bounds", None) if bool((2 * count < width).any()) else None
 
     def gradient(self, like: Tensor) -> Tensor:
         return like.new_zeros(self.num_pixels)  # per pixel: a gather per level
