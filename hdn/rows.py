@@ -77,19 +77,9 @@ class RowLayout:
         """Members' lower medians and their columns for the rows of the ``group`` view."""
         raise NotImplementedError
 
-    def gradient(self, like: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """A zero accumulator for one input's gradient (see :meth:`accumulate`)."""
-        raise NotImplementedError
-
-    def accumulate(
-        self, grad: Tensor, work: _Workspace, index: int, spare: int | None = None
-    ) -> None:  # pragma: no cover - abstract
-        """Add workspace buffer ``index`` (laid out, 0 outside members) to ``grad``; buffer
-        ``spare``, if given, may serve as scratch."""
-        raise NotImplementedError
-
     def per_pixel(self, grad: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """The accumulated gradient as ``(N,)`` per pixel (0 for pixels in no row)."""
+        """A laid-out gradient, flat ``(S * C + 1,)`` with a 0 at the end (0 outside members),
+        as ``(N,)`` per pixel (0 for pixels in no row)."""
         raise NotImplementedError
 
 
@@ -215,14 +205,10 @@ class GridLayout(RowLayout):
     def gather(self, x: Tensor) -> Tensor:
         return self._arrange(x.view(self.shape))
 
-    def gradient(self, like: Tensor) -> Tensor:
-        return torch.zeros_like(like)  # in the layout: one scatter at the end
-
-    def accumulate(self, grad: Tensor, work: _Workspace, index: int, spare: int | None = None) -> None:
-        grad.add_(work.tensors[index])
-
     def per_pixel(self, grad: Tensor) -> Tensor:
-        return self.scatter(grad)
+        out = self.scatter(grad[:-1])
+        # a view (L = 1, no padding) would hand the caller a kept scratch buffer
+        return out.clone() if out.untyped_storage().data_ptr() == grad.untyped_storage().data_ptr() else out
 
     def scatter(self, y: Tensor) -> Tensor:
         """``(S, C)`` laid out -> ``(N,)`` per pixel (padding dropped)."""
@@ -360,18 +346,8 @@ class GatherLayout(RowLayout):
         """The members' bounds where some row is mostly padding (then spreading pays), else ``None``."""
         return getattr(self, "_bounds", None) if bool((2 * count < width).any()) else None
 
-    def gradient(self, like: Tensor) -> Tensor:
-        return like.new_zeros(self.num_pixels)  # per pixel: a gather per level
-
-    def accumulate(self, grad: Tensor, work: _Workspace, index: int, spare: int | None = None) -> None:
-        source = work.with_zero(index)
-        if spare is None:
-            grad.add_(source.index_select(0, self.inverse))
-        else:  # the spare buffer holds at least N entries (see the backward)
-            grad.add_(torch.index_select(source, 0, self.inverse, out=work.full[spare][: grad.numel()]))
-
     def per_pixel(self, grad: Tensor) -> Tensor:
-        return grad
+        return grad.index_select(0, self.inverse)
 
     def set_swing(self, x: Tensor, group: int) -> None:
         """Give the swing entries of ``x`` (``(S, C)``, infinite padding) the signs that put the
@@ -403,7 +379,7 @@ def _pool() -> ThreadPoolExecutor:
 
 
 class _Workspace:
-    """Two scratch buffers shaped like ``like`` for one call, kept per thread on CPU.
+    """Scratch buffers shaped like ``like`` (two, or ``count``) for one call, kept per thread on CPU.
 
     Every level of a call reuses them (selection copies first, then the centred values),
     and on CPU so does the next call: a fresh large buffer costs as much in page faults as
@@ -411,18 +387,17 @@ class _Workspace:
     nothing is kept. :func:`clear_workspace` releases what is kept.
     """
 
-    def __init__(self, like: Tensor, at_least: int = 0):
+    def __init__(self, like: Tensor, count: int = 2):
         n = like.numel()
-        size = max(n + 1, at_least)
+        size = n + 1
         kept = getattr(_KEPT, "buffers", None) if like.device.type == "cpu" else None
-        if kept is None or kept[0].dtype != like.dtype or kept[0].numel() < size:
-            flat = [torch.empty(size, dtype=like.dtype, device=like.device) for _ in range(2)]
+        if kept is None or kept[0].dtype != like.dtype or kept[0].numel() < size or len(kept) < count:
+            flat = [torch.empty(size, dtype=like.dtype, device=like.device) for _ in range(count)]
             if like.device.type == "cpu":
                 _KEPT.buffers = flat
             kept = flat
         self._flat = [b[: n + 1] for b in kept]
         self.tensors = [b[:n].view(like.shape) for b in kept]
-        self.full = kept
 
     def view(self, index: int, rows: int) -> Tensor:
         return self.tensors[index].view(rows, -1)
@@ -659,19 +634,23 @@ class RowHierarchicalSSI(torch.autograd.Function):
         layout, mask = ctx.layout, ctx.mask
         X = P if need_p else G
         S = X.shape[0]
-        grad_p = layout.gradient(X) if need_p else None
-        grad_g = layout.gradient(X) if need_g else None
-        work = _Workspace(X, at_least=layout.num_pixels)
+        work = _Workspace(X, count=3)
+        # the gradients accumulate in the layout, with a trailing 0 for the per-pixel gather
+        grad_p = work.with_zero(2) if need_p else None
+        grad_g = X.new_zeros(X.numel() + 1) if need_g else None
+        for grad in (grad_p, grad_g):
+            if grad is not None:
+                grad.zero_()
         for group, (n, tp, ip, cp, tg, ig, cg, sign) in zip(layout.groups, ctx.saved):
             R = S // group
             n1 = (n + 1).to(X.dtype)
             r = work.view(0, R).copy_(sign.view(R, -1)).mul_(grad_output * ctx.scale)  # d loss / d p_hat
             if need_p:
                 _row_normalization_backward(P.view(R, -1), mask, r, tp, ip, cp, n, n1, work.view(1, R))
-                layout.accumulate(grad_p, work, 1, spare=None if need_g else 0)  # r is used up
+                grad_p[:-1].add_(work.tensors[1].view(-1))
             if need_g:
                 _row_normalization_backward(G.view(R, -1), mask, r.neg_(), tg, ig, cg, n, n1, work.view(1, R))
-                layout.accumulate(grad_g, work, 1, spare=0)
+                grad_g[:-1].add_(work.tensors[1].view(-1))
         del work
         return (
             layout.per_pixel(grad_p) if need_p else None,

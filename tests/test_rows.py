@@ -281,3 +281,14 @@ def test_bin_medians_read_at_build_time_equal_the_selected_ones_and_follow_the_t
     torch.testing.assert_close(known, selected, rtol=1e-12, atol=0)
     g[1, 0, 5, 5] += 0.5  # changed in place after the contexts were built: no longer trusted
     assert ctx.row_layout(ctx.valid, g[:, 0]).target_medians is None
+
+
+@pytest.mark.parametrize("context", [None, "dr", "ds"])
+def test_gradients_are_fresh_tensors_not_kept_scratch_buffers(context):
+    g = torch.rand(2, 1, 64, 64) + 1
+    p = torch.rand(2, 1, 64, 64, requires_grad=True)
+    _loss_fn(context)(p, g).backward()
+    first = p.grad.clone()
+    other = torch.rand(2, 1, 64, 64, requires_grad=True)
+    _loss_fn(context)(other, g * 3).backward()  # reuses the scratch buffers
+    torch.testing.assert_close(p.grad, first, rtol=0, atol=0)
