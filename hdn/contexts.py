@@ -120,6 +120,12 @@ class Contexts:
         )
 
 
+def _depths(target: Tensor) -> Tensor:
+    """A detached target, in float32 for half inputs (contexts are found in float32)."""
+    g = target.detach()
+    return g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
+
+
 def _prepare_target(target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     g = _as_bhw(target, "target").detach()
     valid = torch.isfinite(g)
@@ -131,9 +137,7 @@ def _prepare_target(target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor
                 f"Got: {m.dtype} {tuple(m.shape)}."
             )
         valid = valid & m
-    if g.dtype in (torch.float16, torch.bfloat16):
-        g = g.float()
-    return g, valid  # invalid entries keep their (possibly non-finite) values
+    return _depths(g), valid  # invalid entries keep their (possibly non-finite) values
 
 
 class IntervalContexts(Contexts):
@@ -807,7 +811,4 @@ def build_checked(name: str, target: Tensor, valid: Tensor, levels: int) -> Cont
     ``target`` and ``valid`` ``(B, H, W)``, ``valid`` the finite and unmasked pixels."""
     if name not in _CHECKED_BUILDERS:
         raise ValueError(f"Invalid context: we expect one of {CONTEXT_NAMES} or a Contexts object. Got: {name!r}.")
-    g = target.detach()
-    if g.dtype in (torch.float16, torch.bfloat16):
-        g = g.float()
-    return _CHECKED_BUILDERS[name](g, valid, levels)
+    return _CHECKED_BUILDERS[name](_depths(target), valid, levels)
