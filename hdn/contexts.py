@@ -24,15 +24,17 @@ Level 0 of DR, DP and DS is always the whole image.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ._validation import _as_bhw, check_levels
 from .rows import GatherLayout, GridLayout, RowLayout
 from .rows import _pool as _select_pool
-from .segments import ContextLevel, value_order
+from .segments import ContextLevel
 
 __all__ = [
     "CONTEXT_NAMES",
@@ -148,7 +150,8 @@ class IntervalContexts(Contexts):
         valid: ``(B, H, W)`` bool.
         lower: per level ``l``, ``(B, 2**l)`` lower bin edges (non-decreasing along bins).
         upper: per level ``l``, ``(B, 2**l)`` upper bin edges (non-decreasing along bins).
-        sorted_rows: ``sorted_valid_values(target, valid)`` if already known.
+        sorted_rows: ``sorted_valid_values(target, valid)`` (values, counts and order) if
+            already known.
 
     The levels must nest: the edges of level ``l`` are every ``2**(L-1-l)``-th edge of the
     finest level (true for DR and DP, whose edges are the same float computations at the
@@ -163,7 +166,7 @@ class IntervalContexts(Contexts):
     Attributes:
         overlapping: whether some pixel is in two bins of a level.
         target_order: ``(B*H*W,)`` int32, the target's value order (image-major, invalid
-            last), made on first use; the general segment core reads its medians off it.
+            last, ties by pixel index); the general segment core reads its medians off it.
         sorted_by_target_order: True: along ``target_order`` every level's bin ids ascend
             within an image (bins are intervals of the target), which the loss relies on.
     """
@@ -176,7 +179,7 @@ class IntervalContexts(Contexts):
         valid: Tensor,
         lower: list[Tensor],
         upper: list[Tensor],
-        sorted_rows: tuple[Tensor, Tensor] | None = None,
+        sorted_rows: tuple[Tensor, Tensor, Tensor] | None = None,
     ):
         self.shape = tuple(target.shape)  # type: ignore[assignment]
         self.valid = valid
@@ -189,7 +192,7 @@ class IntervalContexts(Contexts):
             ):
                 raise ValueError(f"Invalid lower/upper: level {lvl} does not nest in the finest level.")
         self._target = target
-        rows, count = sorted_valid_values(target, valid) if sorted_rows is None else sorted_rows
+        rows, count, order = sorted_valid_values(target, valid) if sorted_rows is None else sorted_rows
         # finest bins as runs [start, end) of each image's sorted depths, (B, K)
         valid_end = count.unsqueeze(1)
         self._start = torch.minimum(torch.searchsorted(rows, lower[-1].contiguous()), valid_end)
@@ -199,15 +202,20 @@ class IntervalContexts(Contexts):
         self.overlapping = bool((self._start[:, 1:] < self._end[:, :-1]).any())
         self._target_version = target._version
         self._medians = None if self.overlapping else _run_medians(rows, self._start, self._end, L)
+        self._sorted_order = order  # (B, H*W) int32, pixel within its image
         self._order: Tensor | None = None
         self._pixel_bins: tuple[Tensor, Tensor | None] | None = None
 
     @property
     def target_order(self) -> Tensor:
         if self._order is None:
-            B = self.shape[0]
-            order = value_order(self._target.reshape(-1), self.valid.reshape(-1), B)
-            self._order = order.to(torch.int32) if order.numel() < 2**31 else order
+            B, P = self._sorted_order.shape
+            if B * P < 2**31:
+                offset = torch.arange(B, device=self._sorted_order.device, dtype=torch.int32) * P
+                self._order = (self._sorted_order + offset.unsqueeze(1)).view(-1)
+            else:
+                offset = torch.arange(B, device=self._sorted_order.device) * P
+                self._order = (self._sorted_order.long() + offset.unsqueeze(1)).view(-1)
         return self._order
 
     def level(self, index: int) -> ContextLevel:
@@ -233,61 +241,25 @@ class IntervalContexts(Contexts):
         pix = torch.cat([torch.arange(n, device=last.device), pair_pix])
         return ContextLevel(torch.cat([last.long(), pair_bin]), 2**index, pix)
 
-    def finest_bins(self) -> Tensor:
-        """The finest bin of every pixel, ``(B, H*W)`` int16/int32, ``K`` for a pixel in none.
-
-        The last bin that starts at or below the pixel's depth holds it if the depth is also
-        below that bin's upper edge (bins do not overlap here). With few bins the start is
-        found by counting the lower edges at or below the depth, otherwise by a vectorised
-        binary search; where no bin ends above the next one's start (DR, DP) only the
-        topmost upper edge needs a look."""
-        B = self.shape[0]
-        lower, upper = self.lower[-1], self.upper[-1]
-        K = lower.shape[1]
-        g = self._target.reshape(B, -1)
-        dtype = torch.int16 if K < 2**15 else torch.int32
-        if K <= 32:
-            found = torch.zeros(g.shape, dtype=dtype, device=g.device)
-            for i in range(1, K):
-                found += g >= lower[:, i : i + 1]
-        else:
-            found = torch.zeros(g.shape, dtype=torch.int64, device=g.device)
-            step = K // 2
-            while step:
-                found += step * (g >= lower.gather(1, found + step))
-                step //= 2
-            found = found.to(dtype)
-        if bool((upper[:, :-1] >= lower[:, 1:]).all()):
-            inside = g < upper[:, -1:]
-        else:
-            inside = g < upper.gather(1, found.long())
-        inside &= self.valid.reshape(B, -1)
-        # found where inside, K elsewhere
-        return found.mul_(inside).add_((~inside).to(dtype).mul_(K))
-
     def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RowLayout | None:
         """Finest bins as rows of their pixels (:class:`hdn.rows.GatherLayout`).
 
-        The pixels are grouped by (image, finest bin) with one stable radix sort of small
-        keys. ``None`` when bins overlap, when ``valid`` is not the contexts' own mask, or
-        when the longest finest bin would pad the rows to more than twice the pixel count
-        (then the loss uses the general segment core). If ``target`` is (unchanged) the
-        depth these contexts were built from, the layout carries every bin's median depth,
-        read off the sorted depths when the contexts were made."""
+        A finest bin is a run of each image's pixels in value order (the order the target
+        was sorted in when the contexts were made), so the layout needs no further sort.
+        ``None`` when bins overlap, when ``valid`` is not the contexts' own mask, or when
+        the longest finest bin would pad the rows to more than twice the pixel count (then
+        the loss uses the general segment core). If ``target`` is (unchanged) the depth
+        these contexts were built from, the layout carries every bin's median depth, read
+        off the sorted depths when the contexts were made."""
         if self.overlapping or not (valid is self.valid or torch.equal(valid, self.valid)):
             return None
         B, H, W = self.shape
-        P, N, K = H * W, B * H * W, self.lower[-1].shape[1]
+        N, K = B * H * W, self.lower[-1].shape[1]
         length = (self._end - self._start).clamp(min=0)
         width = max(int(length.max()), 1)
         if B * K * width > 2 * N + 1024:
             return None
-        key = self.finest_bins()
-        if B * (K + 1) >= 2**15:
-            key = key.to(torch.int32)
-        key += torch.arange(B, device=valid.device, dtype=key.dtype).unsqueeze(1) * (K + 1)
-        key, order = torch.sort(key.view(-1), stable=True)
-        layout = GatherLayout.from_runs(order.view(B, P), key.view(B, P), length, width, self.num_levels)
+        layout = GatherLayout.from_sorted(self._sorted_order, self._start, length, width, self.num_levels)
         same = (
             target is not None
             and target.data_ptr() == self._target.data_ptr()
@@ -299,23 +271,51 @@ class IntervalContexts(Contexts):
         return layout
 
 
-def sorted_valid_values(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Each image's valid values ascending, then ``+inf``: ``(B, H*W)``; and the valid counts ``(B,)``.
+def sorted_valid_values(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each image's valid values ascending, then ``+inf``: ``(B, H*W)``; the valid counts
+    ``(B,)``; and the order, ``(B, H*W)`` int32: the pixel (within its image) at each sorted
+    place, ties (and the invalid pixels at the end) by pixel index.
 
-    On CPU NumPy sorts the rows (vectorised sorting networks), two threads when torch may
-    use two; elsewhere :func:`torch.sort`."""
+    On CPU, float32 values sort in NumPy as one int64 key per pixel (the value's
+    order-preserving bits above the pixel index: vectorised sorting networks, no argsort),
+    two threads when torch may use two; elsewhere a stable :func:`torch.sort`."""
     B = target.shape[0]
     rows = torch.where(valid, target, float("inf")).reshape(B, -1)
     count = torch.count_nonzero(valid.reshape(B, -1), dim=1)
-    if rows.device.type != "cpu":
-        return torch.sort(rows, dim=1).values, count
-    x = rows.numpy()
+    if rows.device.type != "cpu" or rows.dtype != torch.float32 or rows.shape[1] >= 2**31:
+        values, order = torch.sort(rows, dim=1, stable=True)
+        return values, count, order.to(torch.int32)
+    order = torch.empty(rows.shape, dtype=torch.int32)
+    x, o = rows.numpy(), order.numpy()
     if B > 1 and torch.get_num_threads() > 1 and x.size >= 2**16:
         halves = [(0, B // 2), (B // 2, B)]
-        list(_select_pool().map(lambda h: x[h[0] : h[1]].sort(axis=1), halves))
+        list(_select_pool().map(lambda h: _sort_with_order(x[h[0] : h[1]], o[h[0] : h[1]]), halves))
     else:
-        x.sort(axis=1)
-    return rows, count
+        _sort_with_order(x, o)
+    return rows, count, order
+
+
+def _sort_with_order(values: np.ndarray, order: np.ndarray) -> None:
+    """Sort the float32 rows of ``values`` in place, their pixel indices into ``order``
+    (int32): one int64 key per entry, the value's bits (made order-preserving: a negative
+    float's bits but the sign are flipped) above the index, sorted with NumPy's SIMD sort."""
+    rows, width = values.shape
+    bits = values.view(np.int32)
+    key = np.empty((rows, width), dtype=np.int64)
+    words = key.view(np.int32).reshape(rows, width, 2)  # little-endian: (low, high)
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
+        words = words[..., ::-1]
+    words[..., 0] = np.arange(width, dtype=np.int32)
+    negative = bool((bits < 0).any())
+    if negative:
+        np.bitwise_xor(bits, (bits >> 31) & 0x7FFFFFFF, out=words[..., 1])
+    else:
+        words[..., 1] = bits
+    key.sort(axis=1)
+    np.copyto(order, words[..., 0])
+    np.copyto(bits, words[..., 1])
+    if negative:
+        bits ^= (bits >> 31) & 0x7FFFFFFF
 
 
 def _run_medians(rows: Tensor, start: Tensor, end: Tensor, levels: int) -> list[Tensor]:
@@ -423,7 +423,7 @@ def depth_range(target: Tensor, mask: Tensor | None = None, *, levels: int = 3) 
 
 
 def _depth_range(g: Tensor, valid: Tensor, levels: int) -> IntervalContexts:
-    sorted_rows, count = sorted_valid_values(g, valid)
+    sorted_rows, count, order = sorted_valid_values(g, valid)
     empty = (count == 0).unsqueeze(1)
     lo = sorted_rows[:, :1].masked_fill(empty, 0)
     hi = sorted_rows.gather(1, (count - 1).clamp(min=0).unsqueeze(1)).masked_fill_(empty, 0)
@@ -434,7 +434,7 @@ def _depth_range(g: Tensor, valid: Tensor, levels: int) -> IntervalContexts:
         edges = lo + (hi - lo) * frac
         lower.append(edges[:, :-1].contiguous())
         upper.append((edges[:, 1:] + 1e-30).contiguous())
-    return IntervalContexts(g, valid, lower, upper, (sorted_rows, count))
+    return IntervalContexts(g, valid, lower, upper, (sorted_rows, count, order))
 
 
 def _sorted_quantiles(sorted_rows: Tensor, count: Tensor, fractions: Tensor) -> Tensor:
@@ -479,7 +479,7 @@ def depth_percentile(
 
 
 def _depth_percentile(g: Tensor, valid: Tensor, levels: int) -> IntervalContexts:
-    sorted_rows, count = sorted_valid_values(g, valid)
+    sorted_rows, count, order = sorted_valid_values(g, valid)
     lower, upper = [], []
     for lvl in range(levels):
         bins = 2**lvl
@@ -488,7 +488,7 @@ def _depth_percentile(g: Tensor, valid: Tensor, levels: int) -> IntervalContexts
         q = torch.where(count.unsqueeze(1) > 0, q, torch.zeros_like(q))
         lower.append(q[:, :-1].contiguous())
         upper.append(q[:, 1:].contiguous())
-    return IntervalContexts(g, valid, lower, upper, (sorted_rows, count))
+    return IntervalContexts(g, valid, lower, upper, (sorted_rows, count, order))
 
 
 class GridContexts(Contexts):

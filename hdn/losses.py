@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from . import contexts as _contexts
 from ._validation import check_depth_inputs, check_levels, stats_dtype
 from .normalization import ssi_normalize
-from .rows import RowHierarchicalSSI
+from .rows import RowHierarchicalSSI, RowLayout
 from .segments import HierarchicalSSI
 
 __all__ = [
@@ -41,6 +41,15 @@ def contexts_loss(pred: Tensor, target: Tensor, mask: Tensor | None, contexts: _
 
 def _checked_loss(p: Tensor, g: Tensor, valid: Tensor, contexts: _contexts.Contexts) -> Tensor:
     """:func:`contexts_loss` on inputs from :func:`check_depth_inputs`, ``(B, H, W)``."""
+    return _apply_core(*_prepare_core(p, g, valid, contexts))
+
+
+def _prepare_core(
+    p: Tensor, g: Tensor, valid: Tensor, contexts: _contexts.Contexts
+) -> tuple[Tensor, Tensor, Tensor, RowLayout | _contexts.Contexts]:
+    """Flat statistics-dtype inputs and what the loss runs on: the contexts' row layout
+    where they have one (then the contexts themselves are no longer needed), else the
+    contexts for the general segment core."""
     dtype = stats_dtype(p, g)
     if valid is not contexts.valid:  # (contexts built here share the mask)
         valid = valid & contexts.valid
@@ -55,9 +64,13 @@ def _checked_loss(p: Tensor, g: Tensor, valid: Tensor, contexts: _contexts.Conte
         finite = bool(torch.isfinite(p.sum()))
     rows = contexts.aggregation == "mean" and not contexts.detach_pred_median and finite
     layout = contexts.row_layout(valid, target) if rows else None
-    if layout is not None:
-        return RowHierarchicalSSI.apply(p, g, valid.reshape(-1), layout)
-    return HierarchicalSSI.apply(p, g, valid.reshape(-1), contexts)
+    return p, g, valid.reshape(-1), contexts if layout is None else layout
+
+
+def _apply_core(p: Tensor, g: Tensor, valid: Tensor, core: RowLayout | _contexts.Contexts) -> Tensor:
+    if isinstance(core, RowLayout):
+        return RowHierarchicalSSI.apply(p, g, valid, core)
+    return HierarchicalSSI.apply(p, g, valid, core)
 
 
 def ssi_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -128,7 +141,10 @@ def hdn_loss(
             raise ValueError(
                 f"Invalid context: we expect one of {_contexts.CONTEXT_NAMES} or a Contexts object. Got: {context!r}."
             )
-        return _checked_loss(p, g, valid, _contexts.build_checked(context, g, valid, levels))
+        prepared = _prepare_core(p, g, valid, _contexts.build_checked(context, g, valid, levels))
+        # the contexts built here are gone before the loss runs (their sorted order is as
+        # large as an image batch); the row layout holds what the loss needs
+        return _apply_core(*prepared)
     return contexts_loss(pred, target, mask, context)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -72,9 +73,10 @@ class RowLayout:
         raise NotImplementedError
 
     def lower_medians(
-        self, p: Tensor, g: Tensor, group: int, count: Tensor, work: _Workspace
-    ) -> list[tuple[Tensor, Tensor]]:  # pragma: no cover - abstract
-        """Members' lower medians and their columns for the rows of the ``group`` view."""
+        self, p: Tensor, g: Tensor, group: int, count: Tensor, work: _Workspace, target_column: bool = True
+    ) -> list[tuple[Tensor, Tensor | None]]:  # pragma: no cover - abstract
+        """Members' lower medians and their columns for the rows of the ``group`` view (the
+        target's column ``None`` unless ``target_column``: only its gradient needs it)."""
         raise NotImplementedError
 
     def per_pixel(self, grad: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -175,14 +177,14 @@ class GridLayout(RowLayout):
     def centring_mask(self, dtype: torch.dtype) -> Tensor:
         return self.member.to(dtype)
 
-    def lower_medians(self, p, g, group, count, work):
+    def lower_medians(self, p, g, group, count, work, target_column=True):
         member = self.member.view(p.shape[0], -1)
         if self._outside is None and member.device.type == "cpu":
             self._outside = _Outside(self.member)
             # many entries outside the members (sparse ground truth): spread their fills
             if 8 * self._outside.positions.size > member.numel():
                 self._bounds = [(float(x.min()), float(x.max())) for x in (p, g)]
-        return row_lower_medians([p, g], member, count, self._outside, work, self._bounds)
+        return row_lower_medians([p, g], member, count, self._outside, work, self._bounds, (True, target_column))
 
     def _arrange(self, x: Tensor, padded: bool = False) -> Tensor:
         """``(B, H, W)`` (or already padded ``(B, cells*cell_h, cells*cell_w)``) -> ``(S, C)``."""
@@ -249,7 +251,7 @@ class GatherLayout(RowLayout):
         inverse: ``(N,)`` entry of every pixel, ``S * C`` for a pixel in no context.
         front: ``(S,)`` padding entries before the members.
 
-    Build with :meth:`from_runs`.
+    Build with :meth:`from_sorted`.
     """
 
     def __init__(self, index, front, length, inverse, groups, num_pixels):
@@ -266,13 +268,14 @@ class GatherLayout(RowLayout):
         return (column >= self.front.unsqueeze(1)) & (column < (self.front + self.length).unsqueeze(1))
 
     @classmethod
-    def from_runs(cls, order: Tensor, key: Tensor, length: Tensor, width: int, levels: int) -> GatherLayout:
-        """Finest contexts as runs of each image's pixels sorted by context.
+    def from_sorted(cls, order: Tensor, start: Tensor, length: Tensor, width: int, levels: int) -> GatherLayout:
+        """Finest contexts as runs of each image's pixels in an order (by value, for DR/DP).
 
         Args:
-            order: ``(B, P)`` int64 flat pixel indices, each image's pixels sorted by ``key``.
-            key: ``(B, P)`` the sorted keys ``b * (K + 1) + k``, ``k = K`` for no context.
-            length: ``(B, K)`` pixels per context.
+            order: ``(B, P)`` int32/int64, the pixel (within its image) at each place.
+            start: ``(B, K)`` first place of each context's run; runs ascend and do not
+                overlap (places between runs are pixels in no context).
+            length: ``(B, K)`` pixels per context (run lengths).
             width: row width ``C >= max(length)``.
             levels: ``L``, with ``K = 2**(L-1)`` (level ``l`` joins ``2**(L-1-l)`` runs).
         """
@@ -281,28 +284,25 @@ class GatherLayout(RowLayout):
         N, S = B * P, B * K
         dev = order.device
         dtype = torch.int32 if max(N + 2, S * width + 1) < 2**31 else torch.int64
+        image = torch.arange(B, device=dev)
         front = torch.div(width - length, 2, rounding_mode="floor").view(S)
-        start = (torch.cumsum(length, dim=1) - length).view(S)  # within the image
-        length = length.reshape(S)
-        # pixel -> its entry, via its place in ``order``; pixels in no context -> the slot S * C
-        k = key.to(dtype) - torch.arange(B, device=dev, dtype=dtype).unsqueeze(1) * (K + 1)
-        none = k == K
-        row = k.clamp_(max=K - 1).add_(torch.arange(B, device=dev, dtype=dtype).unsqueeze(1) * K)
-        shift = (front - start).to(dtype).index_select(0, row.view(-1)).view(B, P)
-        entry = row.mul_(width).add_(shift).add_(torch.arange(P, device=dev, dtype=dtype)).masked_fill_(none, S * width)
-        del shift, none
-        inverse = torch.empty(N, dtype=dtype, device=dev).index_copy_(0, order.view(-1), entry.view(-1))
-        del entry, row, k
+        start, length = start.reshape(S), length.reshape(S)
         # entry -> pixel; padding -> N (reads -inf) before the members, N + 1 (+inf) after
         column = torch.arange(width, dtype=dtype, device=dev)
         before = column < front.to(dtype).unsqueeze(1)
         after = column >= (front + length).to(dtype).unsqueeze(1)
-        first = (start + torch.arange(B, device=dev).repeat_interleave(K) * P - front).to(dtype)
+        first = (start + image.repeat_interleave(K) * P - front).to(dtype)
         source = column + first.unsqueeze(1)
         source.masked_fill_(before, N).masked_fill_(after, N + 1)
         del before, after
-        extended = torch.cat([order.view(-1).to(dtype), torch.tensor([N, N + 1], dtype=dtype, device=dev)])
+        pixel = order.to(dtype) + (image.to(dtype) * P).unsqueeze(1)
+        extended = torch.cat([pixel.view(-1), torch.tensor([N, N + 1], dtype=dtype, device=dev)])
         index = extended.index_select(0, source.view(-1)).view(S, width)
+        del source, extended, pixel
+        # pixel -> its entry; pixels in no context -> the slot S * C (padding lands past N)
+        inverse = torch.full((N + 2,), S * width, dtype=dtype, device=dev)
+        inverse.index_copy_(0, index.view(-1).long(), torch.arange(S * width, dtype=dtype, device=dev))
+        inverse = inverse[:N]
         groups = [2 ** (levels - 1 - lvl) for lvl in range(levels)]
         return cls(index, front, length, inverse, groups, N)
 
@@ -322,16 +322,19 @@ class GatherLayout(RowLayout):
     def centring_mask(self, dtype: torch.dtype) -> None:
         return None
 
-    def lower_medians(self, p, g, group, count, work):
+    def lower_medians(self, p, g, group, count, work, target_column=True):
         self.set_swing(p.view(self.shape), group)
         empty = count == 0
         if self.target_medians is not None:  # the target's medians are known: find a pixel
             tg = self.target_medians[self.groups.index(group)].reshape(-1).to(g.dtype)
             if g.device.type != "cpu":
                 ((tp, cp),) = padded_row_lower_medians([p], work)
-                cg = (g == tg.unsqueeze(1)).to(torch.uint8).argmax(1)
+                cg = (g == tg.unsqueeze(1)).to(torch.uint8).argmax(1) if target_column else None
                 return [(tp.masked_fill(empty, 0), cp), (tg, cg)]
             column, bounds = (p.shape[1] - 1) // 2, self._spread_bounds(count, p.shape[1])
+            if not target_column:
+                ((tp, cp),) = _select_rows([p], column, work, None, None, bounds)
+                return [(tp.to(p.dtype).masked_fill_(empty, 0), cp), (tg, None)]
             threaded = torch.get_num_threads() > 1 and p.numel() >= 2**16
             job = _pool().submit(_select_rows, [p], column, work, None, None, bounds) if threaded else None
             hits = work.array(1).view(np.bool_)[: g.numel()].reshape(g.shape)  # pads (+-inf) never hit
@@ -339,8 +342,9 @@ class GatherLayout(RowLayout):
             ((tp, cp),) = job.result() if threaded else _select_rows([p], column, work, None, None, bounds)
             return [(tp.to(p.dtype).masked_fill_(empty, 0), cp), (tg, cg.to(torch.int64))]
         self.set_swing(g.view(self.shape), group)
-        picked = padded_row_lower_medians([p, g], work, self._spread_bounds(count, p.shape[1]))
-        return [(t.to(p.dtype).masked_fill_(empty, 0), c.to(torch.int64)) for t, c in picked]
+        bounds = self._spread_bounds(count, p.shape[1])
+        picked = padded_row_lower_medians([p, g], work, bounds, (True, target_column))
+        return [(t.to(p.dtype).masked_fill_(empty, 0), c) for t, c in picked]
 
     def _spread_bounds(self, count: Tensor, width: int) -> list | None:
         """The members' bounds where some row is mostly padding (then spreading pays), else ``None``."""
@@ -449,11 +453,13 @@ def _select_numpy(
     fill: np.ndarray | None,
     buf: np.ndarray,
     bounds: tuple[float, float] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    want_column: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Rows of ``x`` (with ``fill`` at the flat positions ``outside``): the ``column``-th
     smallest entry of each, and the first column of a member holding that value. ``buf``
     (as large as ``x``) holds the partitioned copy, then the hit mask. With ``bounds`` (of
-    the members) the infinite entries are spread first (:func:`_spread_ramps`)."""
+    the members) the infinite entries are spread first (:func:`_spread_ramps`). Without
+    ``want_column`` the column is not searched (``None``)."""
     filled = buf[: x.size].reshape(x.shape)
     ramps = _spread_ramps(bounds, x.shape[1], x.dtype)
     if ramps is not None and outside is None:  # (np.clip is several times slower)
@@ -466,6 +472,8 @@ def _select_numpy(
             np.minimum(np.maximum(filled, ramps[0], out=filled), ramps[1], out=filled)
     filled.partition(column, axis=1)
     value = filled[:, column].copy()
+    if not want_column:
+        return value, None
     hits = buf.view(np.bool_)[: x.size].reshape(x.shape)
     np.equal(x, value[:, None], out=hits)
     if outside is not None:
@@ -480,16 +488,29 @@ def _select_rows(
     outside: np.ndarray | None = None,
     fill: np.ndarray | None = None,
     bounds: list | None = None,
-) -> list[tuple[Tensor, Tensor]]:
+    columns: Sequence[bool] | None = None,
+) -> list[tuple[Tensor, Tensor | None]]:
     """``_select_numpy`` for each tensor (CPU), side by side in two threads when torch may
-    use two. Returns per tensor ``(value (R,), column (R,) int64)``."""
+    use two (a single tensor's rows in two halves; then buffers 0 and 1 hold them). Returns per tensor ``(value (R,), column (R,) int64)``; the column is ``None``
+    where ``columns`` (per tensor, default all True) says it is not wanted."""
     bounds = bounds or [None] * len(values)
-    jobs = [(x.detach().numpy(), column, outside, fill, work.array(i), bounds[i]) for i, x in enumerate(values)]
-    if len(jobs) > 1 and torch.get_num_threads() > 1 and values[0].numel() >= 2**16:
+    columns = columns or [True] * len(values)
+    jobs = [
+        (x.detach().numpy(), column, outside, fill, work.array(i), bounds[i], columns[i])
+        for i, x in enumerate(values)
+    ]
+    threaded = torch.get_num_threads() > 1 and values[0].numel() >= 2**16
+    if threaded and len(jobs) == 1 and outside is None and values[0].shape[0] > 1:
+        # one tensor: its two halves of rows side by side, in buffers 0 and 1
+        x, half = jobs[0][0], values[0].shape[0] // 2
+        jobs = [(x[:half], *jobs[0][1:]), (x[half:], column, None, None, work.array(1), *jobs[0][5:])]
+        (v0, w0), (v1, w1) = _pool().map(lambda job: _select_numpy(*job), jobs)
+        done = [(np.concatenate([v0, v1]), None if w0 is None else np.concatenate([w0, w1]))]
+    elif threaded and len(jobs) > 1:
         done = list(_pool().map(lambda job: _select_numpy(*job), jobs))
     else:
         done = [_select_numpy(*job) for job in jobs]
-    return [(torch.from_numpy(v), torch.from_numpy(w).to(torch.int64)) for v, w in done]
+    return [(torch.from_numpy(v), None if w is None else torch.from_numpy(w).to(torch.int64)) for v, w in done]
 
 
 class _Outside:
@@ -521,7 +542,8 @@ def row_lower_medians(
     outside: _Outside | None = None,
     work: _Workspace | None = None,
     bounds: list[tuple[float, float]] | None = None,
-) -> list[tuple[Tensor, Tensor]]:
+    columns: Sequence[bool] | None = None,
+) -> list[tuple[Tensor, Tensor | None]]:
     """Lower median of the members of every row, and a column where it stands.
 
     The entries outside the members become ``-inf`` or ``+inf``, ``column - (n - 1) // 2``
@@ -537,6 +559,8 @@ def row_lower_medians(
         outside: ``_Outside`` of the layout that ``member`` is a view of, if known.
         work: selection buffers, if known.
         bounds: per tensor, bounds of its members, to spread the fills (see :func:`_spread_ramps`).
+        columns: per tensor, whether its column is wanted (default: all); the CPU path
+            skips the search for the others and gives ``None``.
 
     Returns:
         per tensor ``(median (R,), column (R,) int64)``; rows without members get median 0
@@ -558,13 +582,16 @@ def row_lower_medians(
     if work is None:
         work = _Workspace(values[0])
     fill = outside.fill(C, count.numpy(), column)
-    picked = _select_rows(values, column, work, outside.positions, fill, bounds)
+    picked = _select_rows(values, column, work, outside.positions, fill, bounds, columns)
     return [(v.to(values[0].dtype).masked_fill_(empty, 0), w) for v, w in picked]
 
 
 def padded_row_lower_medians(
-    values: list[Tensor], work: _Workspace, bounds: list[tuple[float, float]] | None = None
-) -> list[tuple[Tensor, Tensor]]:
+    values: list[Tensor],
+    work: _Workspace,
+    bounds: list[tuple[float, float]] | None = None,
+    columns: Sequence[bool] | None = None,
+) -> list[tuple[Tensor, Tensor | None]]:
     """Lower medians of rows whose padding already reads ``-inf``/``+inf`` in the right
     numbers (:meth:`GatherLayout.set_swing`): each row's middle entry after selection.
 
@@ -572,6 +599,7 @@ def padded_row_lower_medians(
         values: tensors ``(R, C)``.
         work: selection buffers.
         bounds: per tensor, a lower and an upper bound of its members, if known.
+        columns: as in :func:`row_lower_medians`.
 
     Returns:
         per tensor ``(median (R,), column (R,) int64)``; a row without members gives an
@@ -580,7 +608,7 @@ def padded_row_lower_medians(
     column = (values[0].shape[1] - 1) // 2
     if values[0].device.type != "cpu":
         return [tuple(torch.kthvalue(x, column + 1, dim=1)) for x in values]  # type: ignore[misc]
-    return _select_rows(values, column, work, bounds=bounds)
+    return _select_rows(values, column, work, bounds=bounds, columns=columns)
 
 
 class RowHierarchicalSSI(torch.autograd.Function):
@@ -603,20 +631,28 @@ class RowHierarchicalSSI(torch.autograd.Function):
         work = _Workspace(P)
         total = zero.clone()
         saved = []
+        backward = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         for group in layout.groups:
             R = S // group
             Pl, Gl = P.view(R, -1), G.view(R, -1)
             n = layout.length.view(R, group).sum(1)
-            (tp, cp), (tg, cg) = layout.lower_medians(Pl, Gl, group, n, work)
+            (tp, cp), (tg, cg) = layout.lower_medians(Pl, Gl, group, n, work, ctx.needs_input_grad[1])
             n1 = (n + 1).to(pred.dtype)
-            # two buffers, no temporaries: |x - t| is summed in place, then x - t remade
+            # two buffers, no temporaries: x - t for each, then p_hat - g_hat in the first
             dp, dg = work.view(0, R), work.view(1, R)
-            ip = (_centered(Pl, tp, mask, R, dg).abs_().sum(1) / n1 + EPS).reciprocal_()
-            ig = (_centered(Gl, tg, mask, R, dg).abs_().sum(1) / n1 + EPS).reciprocal_()
-            _centered(Pl, tp, mask, R, dp).mul_(ip.unsqueeze(1))
-            diff = dp.sub_(_centered(Gl, tg, mask, R, dg).mul_(ig.unsqueeze(1)))
-            saved.append((n, tp, ip, cp, tg, ig, cg, torch.sign(diff, out=dg).to(torch.int8)))
-            total = total + diff.abs_().sum()
+            ig = (torch.linalg.vector_norm(_centered(Gl, tg, mask, R, dg), 1, dim=1) / n1 + EPS).reciprocal_()
+            ip = (torch.linalg.vector_norm(_centered(Pl, tp, mask, R, dp), 1, dim=1) / n1 + EPS).reciprocal_()
+            diff = dp.mul_(ip.unsqueeze(1)).addcmul_(dg, ig.neg().unsqueeze(1))
+            row_loss = torch.linalg.vector_norm(diff, 1, dim=1)  # sum |p_hat - g_hat|
+            total = total + row_loss.sum()
+            if not backward:
+                continue
+            # for the backward: sign(p_hat - g_hat) and, per row, its sum and its products
+            # with g_hat and p_hat (sum s g_hat + sum |p_hat - g_hat|)
+            sign = diff.sign_()
+            saved_sign, sign_sum = sign.to(torch.int8), sign.sum(1)
+            signed_g = sign.mul_(dg).sum(1).mul_(ig)
+            saved.append((n, tp, ip, cp, tg, ig, cg, saved_sign, sign_sum, row_loss + signed_g, signed_g))
         del work
         n_valid = int(torch.count_nonzero(valid))  # (valid.sum() would copy it as int64)
         scale = 1.0 / (len(layout.groups) * n_valid) if n_valid else 0.0
@@ -634,23 +670,26 @@ class RowHierarchicalSSI(torch.autograd.Function):
         layout, mask = ctx.layout, ctx.mask
         X = P if need_p else G
         S = X.shape[0]
-        work = _Workspace(X, count=3)
+        work = _Workspace(X)
         # the gradients accumulate in the layout, with a trailing 0 for the per-pixel gather
-        grad_p = work.with_zero(2) if need_p else None
+        grad_p = work.with_zero(1) if need_p else None
         grad_g = X.new_zeros(X.numel() + 1) if need_g else None
         for grad in (grad_p, grad_g):
             if grad is not None:
                 grad.zero_()
-        for group, (n, tp, ip, cp, tg, ig, cg, sign) in zip(layout.groups, ctx.saved):
+        c = grad_output * ctx.scale  # d loss / d |p_hat - g_hat| at every member entry
+        for group, (n, tp, ip, cp, tg, ig, cg, sign, sign_sum, signed_p, signed_g) in zip(layout.groups, ctx.saved):
             R = S // group
             n1 = (n + 1).to(X.dtype)
-            r = work.view(0, R).copy_(sign.view(R, -1)).mul_(grad_output * ctx.scale)  # d loss / d p_hat
+            s = sign.view(R, -1)  # sign(p_hat - g_hat), int8
             if need_p:
-                _row_normalization_backward(P.view(R, -1), mask, r, tp, ip, cp, n, n1, work.view(1, R))
-                grad_p[:-1].add_(work.tensors[1].view(-1))
+                _row_normalization_backward(
+                    P.view(R, -1), mask, s, c, tp, ip, cp, n, n1, sign_sum, signed_p, work.view(0, R), grad_p
+                )
             if need_g:
-                _row_normalization_backward(G.view(R, -1), mask, r.neg_(), tg, ig, cg, n, n1, work.view(1, R))
-                grad_g[:-1].add_(work.tensors[1].view(-1))
+                _row_normalization_backward(
+                    G.view(R, -1), mask, s, -c, tg, ig, cg, n, n1, sign_sum, signed_g, work.view(0, R), grad_g
+                )
         del work
         return (
             layout.per_pixel(grad_p) if need_p else None,
@@ -674,27 +713,42 @@ def _centered(x: Tensor, t: Tensor, mask: Tensor | None, rows: int, out: Tensor)
 def _row_normalization_backward(
     x: Tensor,
     mask: Tensor | None,
-    r: Tensor,
+    s: Tensor,
+    k: Tensor,
     t: Tensor,
     inv: Tensor,
     col: Tensor,
     n: Tensor,
     n1: Tensor,
-    out: Tensor,
+    s_sum: Tensor,
+    s_dot_hat: Tensor,
+    work: Tensor,
+    grad: Tensor,
 ) -> None:
-    """The gradient of ``sum(r * x_hat)`` w.r.t. ``x`` for one level's rows, into ``out``.
+    """Add the gradient of ``k * sum(s * x_hat)`` w.r.t. ``x`` for one level's rows to ``grad``.
 
-    With ``d = s + eps``, ``x_hat_i = (x_i - t) / d`` over the members and
-    ``s = sum_j |x_j - t| / (n + 1)``: ``dL/dx_i = r_i / d + dL/ds * sign(x_i - t) / (n + 1)``
-    directly, ``dL/ds = -sum_i r_i x_hat_i / d``, and
-    ``dL/dt = -sum_i r_i / d - dL/ds * sum_i sign(x_i - t) / (n + 1)`` goes to the median
-    entry, at ``col`` of each row (the derivation is in notebook 04).
+    With ``d = s_x + eps``, ``x_hat_i = (x_i - t) / d`` over the members and
+    ``s_x = sum_j |x_j - t| / (n + 1)``, and ``r_i = k s_i``:
+    ``dL/dx_i = r_i / d + dL/ds_x * sign(x_i - t) / (n + 1)`` directly,
+    ``dL/ds_x = -sum_i r_i x_hat_i / d``, and
+    ``dL/dt = -sum_i r_i / d - dL/ds_x * sum_i sign(x_i - t) / (n + 1)`` goes to the median
+    entry, at ``col`` of each row (the derivation is in notebook 04). The row sums
+    ``sum_i s_i`` (``s_sum``) and ``sum_i s_i x_hat_i`` (``s_dot_hat``) come from the
+    forward; ``work`` is a scratch buffer like ``x``, ``grad`` the flat accumulator.
+
+    Args:
+        x: ``(R, C)`` laid-out values; ``s``: ``(R, C)`` int8 signs (0 outside the members).
+        k: scalar, ``d loss / d |p_hat - g_hat|`` with the sign of ``x`` in the difference.
+        t, inv, col, n, n1, s_sum, s_dot_hat: ``(R,)`` per-row median, ``1 / d``, median
+            column, member count, ``n + 1``, and the two sums.
     """
     R, C = x.shape
-    # sum_i r_i (x_i - t) in place in ``out``, then x - t remade there (no temporaries)
-    d_scale_per_n = _centered(x, t, mask, R, out).mul_(r).sum(1).mul_(inv).mul_(inv).div_(n1).neg_()
-    sign = _centered(x, t, mask, R, out).sign_()
-    d_shift = (-r.sum(1) * inv - d_scale_per_n * sign.sum(1)) * (n > 0)
-    grad = sign.mul_(d_scale_per_n.unsqueeze(1)).addcmul_(r, inv.unsqueeze(1))
+    k_inv = k * inv
+    d_scale_per_n = (-k_inv * s_dot_hat).div_(n1)
+    sign = _centered(x, t, mask, R, work).sign_()
+    d_shift = (-k_inv * s_sum - d_scale_per_n * sign.sum(1)) * (n > 0)
+    out = grad[: R * C].view(R, C)
+    out.addcmul_(sign, d_scale_per_n.unsqueeze(1))
+    out.addcmul_(work.copy_(s), k_inv.unsqueeze(1))  # (a float copy: int8 operands are slow)
     flat = torch.arange(R, device=x.device) * C + col
-    grad.view(-1).index_add_(0, flat, d_shift)
+    grad.index_add_(0, flat, d_shift)

@@ -154,12 +154,9 @@ def test_swing_entries_put_every_level_median_at_the_middle_column(groups_log):
     lengths[0, 3] = 0
     width = int(lengths.max())
     P = int(lengths.sum(1).max()) + 3
-    order = torch.stack([torch.randperm(P, generator=gen) + b * P for b in range(2)])
-    key = torch.full((2, P), K)
-    for b in range(2):
-        key[b, : int(lengths[b].sum())] = torch.repeat_interleave(torch.arange(K), lengths[b])
-    key += torch.arange(2).unsqueeze(1) * (K + 1)
-    layout = rows.GatherLayout.from_runs(order, key, lengths, width, levels=4)
+    order = torch.stack([torch.randperm(P, generator=gen) for b in range(2)])
+    start = torch.cumsum(lengths, dim=1) - lengths
+    layout = rows.GatherLayout.from_sorted(order, start, lengths, width, levels=4)
     x = torch.randn(2 * P, dtype=torch.float64)
     laid, _ = layout.gather_pair(x, x)
     group = 2**groups_log
