@@ -6,11 +6,16 @@ ratios, and each HDN loss's cost relative to :func:`hdn.ssi_loss`. It then check
 the released code cannot do (DP on one 4100x4100 image, half precision), and repeats
 the table on CUDA when a GPU is present.
 
-Every measurement runs in a fresh subprocess so that peak memory is its own: on CPU the
-peak resident set size above the baseline taken after the inputs were built and one
-16x16 call had paged in the code; on CUDA ``torch.cuda.max_memory_allocated`` above the
-inputs. Times are medians of repeats after three warm-up calls (steady state, as in a
-training loop). Use ``--quick`` for a smaller configuration.
+Times: one fresh subprocess per loss runs ``hdn``, the reference and (for the HDN losses)
+``hdn.ssi_loss`` in interleaved rounds, so that a machine whose speed drifts from minute
+to minute (shared or throttled cores) slows all of them alike and the ratios stay
+meaningful. Each round re-warms an implementation (two untimed calls) before timing
+``--repeats`` calls of it, as in a training loop, then times one reference call; the
+table gives medians over ``--rounds`` rounds. Peak memory: one fresh subprocess per
+implementation and loss, so that the peak is its own: on CPU the peak resident set size
+above the baseline taken after the inputs were built and one 16x16 call had paged in
+the code; on CUDA ``torch.cuda.max_memory_allocated`` above the inputs. Use ``--quick``
+for a smaller configuration.
 """
 
 from __future__ import annotations
@@ -65,22 +70,21 @@ def _worker(args: argparse.Namespace) -> None:
     device = args.device
     dtype = getattr(torch, args.dtype)
     pred0, target = _make_inputs(args.batch, args.size, device, dtype)
-    fn = _loss_fn(args.impl, args.case, args.levels)
-    if args.impl == "hdn":  # import outside the measured step, as the reference does
-        import hdn  # noqa: F401
+    import hdn  # noqa: F401  (imported outside the measured steps, as the reference is)
 
-    def step() -> None:
+    def step(fn) -> None:
         pred = pred0.clone().requires_grad_(True)
         fn(pred, target).backward()
         if device == "cuda":
             torch.cuda.synchronize()
 
     if args.what == "memory":
+        fn = _loss_fn(args.impl, args.case, args.levels)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            step()
+            step(fn)
             peak = torch.cuda.max_memory_allocated() - base
         else:
             # One small call first, so that code and libraries paged in on first use are in
@@ -89,26 +93,35 @@ def _worker(args: argparse.Namespace) -> None:
             fn(small[0].requires_grad_(True), small[1]).backward()
             del small
             base = _rss_bytes()
-            step()
+            step(fn)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
         print(json.dumps({"peak": max(peak, 0)}))
         return
-    for _ in range(3):  # warm-up: first calls also grow the allocator's heap and thread pools
-        step()
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    print(json.dumps({"time": statistics.median(times)}))
+    # Interleaved rounds: hdn (and ssi_loss) re-warmed and timed ``repeats`` times, then one
+    # reference call, so that drift in the machine's speed reaches every ratio alike.
+    fns = {"hdn": _loss_fn("hdn", args.case, args.levels), "ref": _loss_fn("reference", args.case, args.levels)}
+    if args.case != "ssi":
+        fns["ssi"] = _loss_fn("hdn", "ssi", args.levels)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    step(fns["ref"])  # the first call of each pays for lazy initialisation
+    for _ in range(args.rounds):
+        for name, fn in fns.items():
+            timed = 1 if name == "ref" else args.repeats
+            for _ in range(0 if name == "ref" else 2):
+                step(fn)
+            for _ in range(timed):
+                t0 = time.perf_counter()
+                step(fn)
+                samples[name].append(time.perf_counter() - t0)
+    print(json.dumps({name: statistics.median(times) for name, times in samples.items()}))
 
 
-def _run_worker(impl: str, case: str, cfg: argparse.Namespace, what: str, repeats: int) -> dict:
+def _run_worker(impl: str, case: str, cfg: argparse.Namespace, what: str) -> dict:
     cmd = [
         sys.executable, "-m", "hdn.bench", "--worker", "--impl", impl, "--case", case,
         "--batch", str(cfg.batch), "--size", str(cfg.size), "--levels", str(cfg.levels),
         "--device", cfg.device, "--dtype", cfg.dtype, "--threads", str(cfg.threads),
-        "--repeats", str(repeats), "--what", what,
+        "--repeats", str(cfg.repeats), "--rounds", str(cfg.rounds), "--what", what,
     ]
     env = dict(os.environ)
     if what == "memory":
@@ -120,34 +133,33 @@ def _run_worker(impl: str, case: str, cfg: argparse.Namespace, what: str, repeat
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _measure(impl: str, case: str, cfg: argparse.Namespace, repeats: int) -> dict:
-    return {
-        **_run_worker(impl, case, cfg, "time", repeats),
-        **_run_worker(impl, case, cfg, "memory", 1),
-    }
-
-
 def _table(cfg: argparse.Namespace) -> dict:
     print(
         f"\n== {cfg.device}: B={cfg.batch}, {cfg.size}x{cfg.size}, L={cfg.levels}, {cfg.dtype}, "
-        f"forward+backward, {cfg.threads} thread(s) =="
+        f"forward+backward, {cfg.threads} thread(s); times: medians of {cfg.rounds} interleaved "
+        f"rounds ({cfg.repeats} hdn calls and 1 reference call each) =="
     )
     results = {}
     for case in CASES:
+        times = _run_worker("hdn", case, cfg, "time")
         results[case] = {
-            "hdn": _measure("hdn", case, cfg, cfg.repeats),
-            "ref": _measure("reference", case, cfg, cfg.ref_repeats),
+            "hdn": {"time": times["hdn"], **_run_worker("hdn", case, cfg, "memory")},
+            "ref": {"time": times["ref"], **_run_worker("reference", case, cfg, "memory")},
+            "ssi_time": times.get("ssi", times["hdn"]),
         }
     header = f"{'loss':<5} {'hdn ms':>9} {'ref ms':>9} {'speed-up':>9} {'hdn MiB':>9} {'ref MiB':>9} {'mem ratio':>9} {'x ssi':>7}"
     print(header)
-    ssi_time = results["ssi"]["hdn"]["time"]
     for case in CASES:
         h, r = results[case]["hdn"], results[case]["ref"]
-        mem_ratio = r["peak"] / max(h["peak"], 1)
+        results[case]["speedup"] = r["time"] / h["time"]
+        results[case]["mem_ratio"] = r["peak"] / max(h["peak"], 1)
+        results[case]["x_ssi"] = h["time"] / results[case]["ssi_time"]
         print(
-            f"{case:<5} {h['time'] * 1e3:9.1f} {r['time'] * 1e3:9.1f} {r['time'] / h['time']:9.1f} "
-            f"{h['peak'] / 2**20:9.1f} {r['peak'] / 2**20:9.1f} {mem_ratio:9.1f} {h['time'] / ssi_time:7.2f}"
+            f"{case:<5} {h['time'] * 1e3:9.1f} {r['time'] * 1e3:9.1f} {results[case]['speedup']:9.1f} "
+            f"{h['peak'] / 2**20:9.1f} {r['peak'] / 2**20:9.1f} {results[case]['mem_ratio']:9.1f} "
+            f"{results[case]['x_ssi']:7.2f}"
         )
+    print("(x ssi: the loss's time over hdn.ssi_loss's, both from the same rounds)")
     return results
 
 
@@ -192,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ref-repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timed hdn calls per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one timed reference call each)")
     parser.add_argument("--what", default="time", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="B=2, 128x128: a fast smoke run")
     parser.add_argument("--skip-large", action="store_true", help="skip the 4100x4100 DP check")

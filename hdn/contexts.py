@@ -203,6 +203,7 @@ class IntervalContexts(Contexts):
         self._target_version = target._version
         self._medians = None if self.overlapping else _run_medians(rows, self._start, self._end, L)
         self._sorted_order = order  # (B, H*W) int32, pixel within its image
+        self._sorted_values = rows
         self._order: Tensor | None = None
         self._pixel_bins: tuple[Tensor, Tensor | None] | None = None
 
@@ -250,7 +251,8 @@ class IntervalContexts(Contexts):
         the longest finest bin would pad the rows to more than twice the pixel count (then
         the loss uses the general segment core). If ``target`` is (unchanged) the depth
         these contexts were built from, the layout carries every bin's median depth, read
-        off the sorted depths when the contexts were made."""
+        off the sorted depths when the contexts were made, and the target laid out, copied
+        from the sorted depths run by run."""
         if self.overlapping or not (valid is self.valid or torch.equal(valid, self.valid)):
             return None
         B, H, W = self.shape
@@ -259,7 +261,6 @@ class IntervalContexts(Contexts):
         width = max(int(length.max()), 1)
         if B * K * width > 2 * N + 1024:
             return None
-        layout = GatherLayout.from_sorted(self._sorted_order, self._start, length, width, self.num_levels)
         same = (
             target is not None
             and target.data_ptr() == self._target.data_ptr()
@@ -267,6 +268,8 @@ class IntervalContexts(Contexts):
             and target.dtype == self._target.dtype
             and target._version == self._target_version
         )
+        values = self._sorted_values if same else None
+        layout = GatherLayout.from_sorted(self._sorted_order, self._start, length, width, self.num_levels, values)
         layout.target_medians = self._medians if same else None
         return layout
 

@@ -260,6 +260,7 @@ class GatherLayout(RowLayout):
         self.shape = tuple(index.shape)
         self.swing = ((index.shape[1] - length) % 2).bool()
         self.target_medians: list[Tensor] | None = None  # per level (B, 2**l), if known
+        self.laid_target: Tensor | None = None  # the target laid out, if known
 
     @property
     def member(self) -> Tensor:
@@ -268,7 +269,15 @@ class GatherLayout(RowLayout):
         return (column >= self.front.unsqueeze(1)) & (column < (self.front + self.length).unsqueeze(1))
 
     @classmethod
-    def from_sorted(cls, order: Tensor, start: Tensor, length: Tensor, width: int, levels: int) -> GatherLayout:
+    def from_sorted(
+        cls,
+        order: Tensor,
+        start: Tensor,
+        length: Tensor,
+        width: int,
+        levels: int,
+        values: Tensor | None = None,
+    ) -> GatherLayout:
         """Finest contexts as runs of each image's pixels in an order (by value, for DR/DP).
 
         Args:
@@ -278,33 +287,47 @@ class GatherLayout(RowLayout):
             length: ``(B, K)`` pixels per context (run lengths).
             width: row width ``C >= max(length)``.
             levels: ``L``, with ``K = 2**(L-1)`` (level ``l`` joins ``2**(L-1-l)`` runs).
+            values: ``(B, P)`` the target's values in this order, if they are what the loss
+                will compare with: then the laid-out target is copied from them (row by
+                row, in order) rather than gathered pixel by pixel.
         """
         B, P = order.shape
         K = length.shape[1]
         N, S = B * P, B * K
         dev = order.device
         dtype = torch.int32 if max(N + 2, S * width + 1) < 2**31 else torch.int64
-        image = torch.arange(B, device=dev)
         front = torch.div(width - length, 2, rounding_mode="floor").view(S)
         start, length = start.reshape(S), length.reshape(S)
-        # entry -> pixel; padding -> N (reads -inf) before the members, N + 1 (+inf) after
+        # Row i shows the places first_i .. first_i + C - 1 of the image-major order (a
+        # window: rows of a sliding-window view are copied whole), its padding masked.
+        first = start + torch.arange(B, device=dev).repeat_interleave(K) * P - front + width
         column = torch.arange(width, dtype=dtype, device=dev)
         before = column < front.to(dtype).unsqueeze(1)
         after = column >= (front + length).to(dtype).unsqueeze(1)
-        first = (start + image.repeat_interleave(K) * P - front).to(dtype)
-        source = column + first.unsqueeze(1)
-        source.masked_fill_(before, N).masked_fill_(after, N + 1)
-        del before, after
-        pixel = order.to(dtype) + (image.to(dtype) * P).unsqueeze(1)
-        extended = torch.cat([pixel.view(-1), torch.tensor([N, N + 1], dtype=dtype, device=dev)])
-        index = extended.index_select(0, source.view(-1)).view(S, width)
-        del source, extended, pixel
-        # pixel -> its entry; pixels in no context -> the slot S * C (padding lands past N)
+
+        def windows(flat: Tensor, low, high) -> Tensor:
+            ends = (flat.new_full((width,), low), flat, flat.new_full((width,), high))
+            rows = torch.cat(ends).unfold(0, width, 1).index_select(0, first)
+            return rows.masked_fill_(before, low).masked_fill_(after, high)
+
+        pixel = order.to(dtype) + (torch.arange(B, device=dev, dtype=dtype) * P).unsqueeze(1)
+        index = windows(pixel.view(-1), N, N + 1)  # padding -> N (reads -inf) before, N + 1 after
+        del pixel
+        # pixel -> its entry; pixels in no context -> the slot S * C (padding lands past N).
+        # In blocks, so that the int64 copy of the index that index_copy_ needs stays small.
         inverse = torch.full((N + 2,), S * width, dtype=dtype, device=dev)
-        inverse.index_copy_(0, index.view(-1).long(), torch.arange(S * width, dtype=dtype, device=dev))
+        flat, block = index.view(-1), 2**20
+        for begin in range(0, flat.numel(), block):
+            part = flat[begin : begin + block]
+            entries = torch.arange(begin, begin + part.numel(), dtype=dtype, device=dev)
+            inverse.index_copy_(0, part.long(), entries)
         inverse = inverse[:N]
+        laid_target = None if values is None else windows(values.reshape(-1), -float("inf"), float("inf"))
+        del before, after
         groups = [2 ** (levels - 1 - lvl) for lvl in range(levels)]
-        return cls(index, front, length, inverse, groups, N)
+        layout = cls(index, front, length, inverse, groups, N)
+        layout.laid_target = laid_target
+        return layout
 
     def gather(self, x: Tensor) -> Tensor:
         """``(N,)`` -> ``(S, C)``, padding ``-inf`` before the members and ``+inf`` after."""
@@ -312,10 +335,16 @@ class GatherLayout(RowLayout):
         return padded.index_select(0, self.index.view(-1)).view(self.index.shape)
 
     def gather_pair(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        target = torch.nan_to_num(target, 0.0, 0.0, 0.0)  # non-finite targets are invalid
-        # bounds of the members (all pixels' extremes) for spreading the padding
-        self._bounds = [(float(x.min()), float(x.max())) if x.numel() else None for x in (pred, target)]
-        P, G = self.gather(pred), self.gather(target)
+        if self.laid_target is not None:
+            G, self.laid_target = self.laid_target.to(target.dtype), None
+        else:
+            target = torch.nan_to_num(target, 0.0, 0.0, 0.0)  # non-finite targets are invalid
+            G = self.gather(target)
+        # bounds of the members (all pixels' extremes) for spreading the padding; the
+        # target's only where its medians are selected
+        selected = (pred,) if self.target_medians is not None else (pred, target)
+        self._bounds = [_extremes(x) for x in selected]
+        P = self.gather(pred)
         self.index = None  # single use: the backward goes through ``inverse``
         return P, G
 
@@ -380,6 +409,14 @@ def _pool() -> ThreadPoolExecutor:
     if _POOL is None or _POOL_PID != os.getpid():
         _POOL, _POOL_PID = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hdn-select"), os.getpid()
     return _POOL
+
+
+def _extremes(x: Tensor) -> tuple[float, float] | None:
+    """``(min, max)`` of a finite tensor as floats, ``None`` if it is empty."""
+    if not x.numel():
+        return None
+    low, high = torch.aminmax(x)
+    return float(low), float(high)
 
 
 class _Workspace:
