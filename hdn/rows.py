@@ -33,6 +33,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -72,11 +73,13 @@ class RowLayout:
         those entries are infinite in laid-out tensors (see :func:`_centered`)."""
         raise NotImplementedError
 
-    def lower_medians(
-        self, p: Tensor, g: Tensor, group: int, count: Tensor, work: _Workspace, target_column: bool = True
-    ) -> list[tuple[Tensor, Tensor | None]]:  # pragma: no cover - abstract
-        """Members' lower medians and their columns for the rows of the ``group`` view (the
-        target's column ``None`` unless ``target_column``: only its gradient needs it)."""
+    def level_medians(
+        self, P: Tensor, G: Tensor, counts: list[Tensor], work: _Workspace, target_column: bool = True
+    ) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor | None]]]:  # pragma: no cover - abstract
+        """Per level, the members' lower medians of the laid-out prediction and target in the
+        rows of that level's view, and columns where they stand (the target's ``None``
+        unless ``target_column``: only its gradient needs it). ``counts``: members per row
+        of each level's view. Rows without members get median 0."""
         raise NotImplementedError
 
     def per_pixel(self, grad: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -177,14 +180,24 @@ class GridLayout(RowLayout):
     def centring_mask(self, dtype: torch.dtype) -> Tensor:
         return self.member.to(dtype)
 
-    def lower_medians(self, p, g, group, count, work, target_column=True):
-        member = self.member.view(p.shape[0], -1)
-        if self._outside is None and member.device.type == "cpu":
+    def level_medians(self, P, G, counts, work, target_column=True):
+        S = P.shape[0]
+        if P.device.type != "cpu":
+            return [
+                tuple(row_lower_medians([P.view(S // g, -1), G.view(S // g, -1)], self.member.view(S // g, -1), n))
+                for g, n in zip(self.groups, counts)
+            ]
+        if self._outside is None:
             self._outside = _Outside(self.member)
             # many entries outside the members (sparse ground truth): spread their fills
-            if 8 * self._outside.positions.size > member.numel():
-                self._bounds = [(float(x.min()), float(x.max())) for x in (p, g)]
-        return row_lower_medians([p, g], member, count, self._outside, work, self._bounds, (True, target_column))
+            if 8 * self._outside.positions.size > self.member.numel():
+                self._bounds = [_extremes(x) for x in (P, G)]
+        selections = []
+        for group, n in zip(self.groups, counts):
+            R = S // group
+            selections += _member_selections([P.view(R, -1), G.view(R, -1)], n, self._outside, self._bounds, (True, target_column))
+        picked = _run_selections(selections, work)
+        return [_empty_to_zero(picked[2 * i : 2 * i + 2], n) for i, n in enumerate(counts)]
 
     def _arrange(self, x: Tensor, padded: bool = False) -> Tensor:
         """``(B, H, W)`` (or already padded ``(B, cells*cell_h, cells*cell_w)``) -> ``(S, C)``."""
@@ -323,7 +336,6 @@ class GatherLayout(RowLayout):
             inverse.index_copy_(0, part.long(), entries)
         inverse = inverse[:N]
         laid_target = None if values is None else windows(values.reshape(-1), -float("inf"), float("inf"))
-        del before, after
         groups = [2 ** (levels - 1 - lvl) for lvl in range(levels)]
         layout = cls(index, front, length, inverse, groups, N)
         layout.laid_target = laid_target
@@ -351,29 +363,43 @@ class GatherLayout(RowLayout):
     def centring_mask(self, dtype: torch.dtype) -> None:
         return None
 
-    def lower_medians(self, p, g, group, count, work, target_column=True):
-        self.set_swing(p.view(self.shape), group)
-        empty = count == 0
-        if self.target_medians is not None:  # the target's medians are known: find a pixel
-            tg = self.target_medians[self.groups.index(group)].reshape(-1).to(g.dtype)
-            if g.device.type != "cpu":
-                ((tp, cp),) = padded_row_lower_medians([p], work)
-                cg = (g == tg.unsqueeze(1)).to(torch.uint8).argmax(1) if target_column else None
-                return [(tp.masked_fill(empty, 0), cp), (tg, cg)]
-            column, bounds = (p.shape[1] - 1) // 2, self._spread_bounds(count, p.shape[1])
-            if not target_column:
-                ((tp, cp),) = _select_rows([p], column, work, None, None, bounds)
-                return [(tp.to(p.dtype).masked_fill_(empty, 0), cp), (tg, None)]
-            threaded = torch.get_num_threads() > 1 and p.numel() >= 2**16
-            job = _pool().submit(_select_rows, [p], column, work, None, None, bounds) if threaded else None
-            hits = work.array(1).view(np.bool_)[: g.numel()].reshape(g.shape)  # pads (+-inf) never hit
-            cg = torch.from_numpy(np.argmax(np.equal(g.detach().numpy(), tg.numpy()[:, None], out=hits), axis=1))
-            ((tp, cp),) = job.result() if threaded else _select_rows([p], column, work, None, None, bounds)
-            return [(tp.to(p.dtype).masked_fill_(empty, 0), cp), (tg, cg.to(torch.int64))]
-        self.set_swing(g.view(self.shape), group)
-        bounds = self._spread_bounds(count, p.shape[1])
-        picked = padded_row_lower_medians([p, g], work, bounds, (True, target_column))
-        return [(t.to(p.dtype).masked_fill_(empty, 0), c) for t, c in picked]
+    def level_medians(self, P, G, counts, work, target_column=True):
+        S, C = self.shape
+        known = self.target_medians
+        if P.device.type != "cpu":
+            out = []
+            for level, (group, n) in enumerate(zip(self.groups, counts)):
+                R = S // group
+                for x in (P, G) if known is None else (P,):
+                    self.set_swing(x, group)
+                picked = padded_row_lower_medians([P.view(R, -1)] if known is not None else [P.view(R, -1), G.view(R, -1)], work)
+                if known is not None:
+                    tg = known[level].reshape(-1).to(G.dtype)
+                    cg = (G.view(R, -1) == tg.unsqueeze(1)).to(torch.uint8).argmax(1) if target_column else None
+                    picked.append((tg, cg))
+                out.append(_empty_to_zero(picked, n))
+            return out
+        # CPU: every level's selections in one round of the two selection threads; the swing
+        # entries take their level's signs in the selection copies
+        swing_at = self.swing.nonzero().squeeze(1).numpy() * C + (C - 1)
+        selections = []
+        for level, (group, n) in enumerate(zip(self.groups, counts)):
+            R = S // group
+            width = group * C
+            column = (width - 1) // 2
+            fill = np.where(self.swing_below(group).numpy(), -np.inf, np.inf)
+            bounds = self._spread_bounds(n, width)
+            p_ramps = _spread_ramps(bounds[0], width, P.numpy().dtype) if bounds else None
+            selections.append(_Selection(P.detach().numpy().reshape(R, width), column, True, swing_at, fill, p_ramps))
+            g_rows = G.detach().numpy().reshape(R, width)
+            if known is None:
+                g_ramps = _spread_ramps(bounds[1], width, g_rows.dtype) if bounds else None
+                selections.append(_Selection(g_rows, column, target_column, swing_at, fill, g_ramps))
+            else:  # the target's medians are known: at most a column to find (padding never hits)
+                tg = known[level].reshape(-1).to(G.dtype).numpy()
+                selections.append(_Selection(g_rows, column, target_column, known=tg))
+        picked = _run_selections(selections, work)
+        return [_empty_to_zero(picked[2 * i : 2 * i + 2], n) for i, n in enumerate(counts)]
 
     def _spread_bounds(self, count: Tensor, width: int) -> list | None:
         """The members' bounds where some row is mostly padding (then spreading pays), else ``None``."""
@@ -382,12 +408,11 @@ class GatherLayout(RowLayout):
     def per_pixel(self, grad: Tensor) -> Tensor:
         return grad.index_select(0, self.inverse)
 
-    def set_swing(self, x: Tensor, group: int) -> None:
-        """Give the swing entries of ``x`` (``(S, C)``, infinite padding) the signs that put the
-        lower median of every row of the ``group`` view at column ``(group * C - 1) // 2``."""
-        S, C = x.shape
-        if not bool(self.swing.any()):
-            return
+    def swing_below(self, group: int) -> Tensor:
+        """For each swing entry (rows of ``self.swing``, in order), whether it reads ``-inf``
+        (else ``+inf``) so that the lower median of every row of the ``group`` view sits at
+        column ``(group * C - 1) // 2``."""
+        S, C = self.shape
         R = S // group
         n = self.length.view(R, group).sum(1)
         swing = self.swing.view(R, group)
@@ -397,9 +422,18 @@ class GatherLayout(RowLayout):
         paired = (group * C - n - m) // 2  # front padding entries, all -inf
         need = (below - paired).clamp(min=0)
         low = swing & (torch.cumsum(swing, dim=1) <= need.unsqueeze(1))
+        return low.view(-1)[self.swing]
+
+    def set_swing(self, x: Tensor, group: int) -> None:
+        """Give the swing entries of ``x`` (``(S, C)``, infinite padding) the signs that put the
+        lower median of every row of the ``group`` view at column ``(group * C - 1) // 2``."""
+        S, C = self.shape
+        x = x.view(S, C)
+        if not bool(self.swing.any()):
+            return
         inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
         rows = self.swing.nonzero().squeeze(1)
-        x[:, C - 1].index_put_((rows,), torch.where(low.view(-1)[rows], -inf, inf))
+        x[:, C - 1].index_put_((rows,), torch.where(self.swing_below(group), -inf, inf))
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -483,71 +517,116 @@ def _spread_ramps(bounds: tuple[float, float] | None, width: int, dtype) -> tupl
     return low, high
 
 
-def _select_numpy(
-    x: np.ndarray,
-    column: int,
-    outside: np.ndarray | None,
-    fill: np.ndarray | None,
-    buf: np.ndarray,
-    bounds: tuple[float, float] | None = None,
-    want_column: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Rows of ``x`` (with ``fill`` at the flat positions ``outside``): the ``column``-th
-    smallest entry of each, and the first column of a member holding that value. ``buf``
-    (as large as ``x``) holds the partitioned copy, then the hit mask. With ``bounds`` (of
-    the members) the infinite entries are spread first (:func:`_spread_ramps`). Without
-    ``want_column`` the column is not searched (``None``)."""
-    filled = buf[: x.size].reshape(x.shape)
-    ramps = _spread_ramps(bounds, x.shape[1], x.dtype)
-    if ramps is not None and outside is None:  # (np.clip is several times slower)
-        np.minimum(np.maximum(x, ramps[0], out=filled), ramps[1], out=filled)
+class _Selection(NamedTuple):
+    """One row selection on the CPU: the ``column``-th smallest entry of every row of ``x``
+    (``(R, W)`` NumPy, never written), in a copy whose flat positions ``fill_at`` (sorted)
+    read ``fill`` (``-inf``/``+inf``) and whose infinite entries are spread to ``ramps``
+    (:func:`_spread_ramps`) when given; with ``known`` values no selection, only the column
+    search. ``want_column``: also find the first column holding the value, filled positions
+    excluded."""
+
+    x: np.ndarray
+    column: int
+    want_column: bool = True
+    fill_at: np.ndarray | None = None
+    fill: np.ndarray | None = None
+    ramps: tuple[np.ndarray, np.ndarray] | None = None
+    known: np.ndarray | None = None
+
+
+def _select_part(sel: _Selection, first: int, last: int, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """:class:`_Selection` on rows ``first:last``, with ``buf`` (flat, at least as large)
+    holding the partitioned copy and then the hit mask."""
+    x = sel.x[first:last]
+    width = x.shape[1]
+    at = fill = None
+    if sel.fill_at is not None and sel.fill_at.size:
+        lo, hi = np.searchsorted(sel.fill_at, (first * width, last * width))
+        at, fill = sel.fill_at[lo:hi] - first * width, sel.fill[lo:hi]
+        if sel.ramps is not None:  # each fill takes its column's ramp value on its side
+            col = at % width
+            fill = np.where(fill < 0, sel.ramps[0][col], sel.ramps[1][col])
+    if sel.known is None:
+        filled = buf[: x.size].reshape(x.shape)
+        if sel.ramps is not None:  # (np.clip is several times slower)
+            np.minimum(np.maximum(x, sel.ramps[0], out=filled), sel.ramps[1], out=filled)
+        else:
+            np.copyto(filled, x)
+        if at is not None:
+            filled.reshape(-1)[at] = fill
+        filled.partition(sel.column, axis=1)
+        value = filled[:, sel.column].copy()
     else:
-        np.copyto(filled, x)
-    if outside is not None:
-        filled.reshape(-1)[outside] = fill
-        if ramps is not None:
-            np.minimum(np.maximum(filled, ramps[0], out=filled), ramps[1], out=filled)
-    filled.partition(column, axis=1)
-    value = filled[:, column].copy()
-    if not want_column:
+        value = sel.known[first:last]
+    if not sel.want_column:
         return value, None
     hits = buf.view(np.bool_)[: x.size].reshape(x.shape)
     np.equal(x, value[:, None], out=hits)
-    if outside is not None:
-        hits.reshape(-1)[outside] = False
+    if at is not None:
+        hits.reshape(-1)[at] = False
     return value, np.argmax(hits, axis=1)
 
 
-def _select_rows(
+def _run_selections(selections: list[_Selection], work: _Workspace) -> list[tuple[Tensor, Tensor | None]]:
+    """Run row selections in one round of two threads when torch may use two: the rows of
+    each selection are halved between them (buffers 0 and 1 of ``work``), so that the two
+    threads share the work evenly and start once (a thread started right after a parallel
+    torch operation shares its core with OpenMP's spin-waiting worker for a few ms).
+
+    Returns per selection ``(value (R,), column (R,) int64 or None)``."""
+    threaded = torch.get_num_threads() > 1 and sum(s.x.size for s in selections) >= 2**16
+    parts: list[list[tuple[int, int, int]]] = [[], []]
+    load = [0, 0]
+    for i, sel in enumerate(selections):
+        R = sel.x.shape[0]
+        if threaded and R > 1:
+            half = R // 2
+            parts[0].append((i, 0, half))
+            parts[1].append((i, half, R))
+        else:
+            j = int(threaded and load[1] < load[0])
+            parts[j].append((i, 0, R))
+            load[j] += sel.x.size
+
+    def job(j: int) -> list[tuple[int, int, np.ndarray, np.ndarray | None]]:
+        buf = work.array(j)
+        return [(i, first, *_select_part(selections[i], first, last, buf)) for i, first, last in parts[j]]
+
+    done = [r for rs in (_pool().map(job, (0, 1)) if threaded else [job(0)]) for r in rs]
+    out = []
+    for i in range(len(selections)):
+        pieces = sorted((first, v, c) for k, first, v, c in done if k == i)
+        value = np.concatenate([v for _, v, _ in pieces])
+        column = None if pieces[0][2] is None else np.concatenate([c for _, _, c in pieces])
+        out.append((torch.from_numpy(value), None if column is None else torch.from_numpy(column).to(torch.int64)))
+    return out
+
+
+def _empty_to_zero(picked: list[tuple[Tensor, Tensor | None]], count: Tensor) -> tuple:
+    """Medians of rows without members set to 0 (selected ones are padding there)."""
+    empty = count == 0
+    return tuple((t.masked_fill(empty, 0), c) for t, c in picked)
+
+
+def _member_selections(
     values: list[Tensor],
-    column: int,
-    work: _Workspace,
-    outside: np.ndarray | None = None,
-    fill: np.ndarray | None = None,
+    count: Tensor,
+    outside: _Outside,
     bounds: list | None = None,
     columns: Sequence[bool] | None = None,
-) -> list[tuple[Tensor, Tensor | None]]:
-    """``_select_numpy`` for each tensor (CPU), side by side in two threads when torch may
-    use two (a single tensor's rows in two halves; then buffers 0 and 1 hold them). Returns per tensor ``(value (R,), column (R,) int64)``; the column is ``None``
-    where ``columns`` (per tensor, default all True) says it is not wanted."""
+) -> list[_Selection]:
+    """Selections for the lower medians of the members of rows ``(R, W)``, the entries
+    outside the members filled with ``-inf``/``+inf`` (see :func:`row_lower_medians`)."""
+    W = values[0].shape[1]
+    column = (W - 1) // 2
+    fill = outside.fill(W, count.numpy(), column)
     bounds = bounds or [None] * len(values)
     columns = columns or [True] * len(values)
-    jobs = [
-        (x.detach().numpy(), column, outside, fill, work.array(i), bounds[i], columns[i])
-        for i, x in enumerate(values)
-    ]
-    threaded = torch.get_num_threads() > 1 and values[0].numel() >= 2**16
-    if threaded and len(jobs) == 1 and outside is None and values[0].shape[0] > 1:
-        # one tensor: its two halves of rows side by side, in buffers 0 and 1
-        x, half = jobs[0][0], values[0].shape[0] // 2
-        jobs = [(x[:half], *jobs[0][1:]), (x[half:], column, None, None, work.array(1), *jobs[0][5:])]
-        (v0, w0), (v1, w1) = _pool().map(lambda job: _select_numpy(*job), jobs)
-        done = [(np.concatenate([v0, v1]), None if w0 is None else np.concatenate([w0, w1]))]
-    elif threaded and len(jobs) > 1:
-        done = list(_pool().map(lambda job: _select_numpy(*job), jobs))
-    else:
-        done = [_select_numpy(*job) for job in jobs]
-    return [(torch.from_numpy(v), None if w is None else torch.from_numpy(w).to(torch.int64)) for v, w in done]
+    out = []
+    for x, b, want in zip(values, bounds, columns):
+        rows = x.detach().numpy()
+        out.append(_Selection(rows, column, want, outside.positions, fill, _spread_ramps(b, W, rows.dtype)))
+    return out
 
 
 class _Outside:
@@ -618,9 +697,8 @@ def row_lower_medians(
         outside = _Outside(member)
     if work is None:
         work = _Workspace(values[0])
-    fill = outside.fill(C, count.numpy(), column)
-    picked = _select_rows(values, column, work, outside.positions, fill, bounds, columns)
-    return [(v.to(values[0].dtype).masked_fill_(empty, 0), w) for v, w in picked]
+    picked = _run_selections(_member_selections(values, count, outside, bounds, columns), work)
+    return list(_empty_to_zero(picked, count))
 
 
 def padded_row_lower_medians(
@@ -642,10 +720,17 @@ def padded_row_lower_medians(
         per tensor ``(median (R,), column (R,) int64)``; a row without members gives an
         infinite median, which the caller replaces by 0.
     """
-    column = (values[0].shape[1] - 1) // 2
+    width = values[0].shape[1]
+    column = (width - 1) // 2
     if values[0].device.type != "cpu":
         return [tuple(torch.kthvalue(x, column + 1, dim=1)) for x in values]  # type: ignore[misc]
-    return _select_rows(values, column, work, bounds=bounds, columns=columns)
+    bounds = bounds or [None] * len(values)
+    columns = columns or [True] * len(values)
+    selections = [
+        _Selection(x.detach().numpy(), column, want, ramps=_spread_ramps(b, width, x.detach().numpy().dtype))
+        for x, b, want in zip(values, bounds, columns)
+    ]
+    return _run_selections(selections, work)
 
 
 class RowHierarchicalSSI(torch.autograd.Function):
@@ -669,11 +754,11 @@ class RowHierarchicalSSI(torch.autograd.Function):
         total = zero.clone()
         saved = []
         backward = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        for group in layout.groups:
+        counts = [layout.length.view(S // group, group).sum(1) for group in layout.groups]
+        medians = layout.level_medians(P, G, counts, work, ctx.needs_input_grad[1])
+        for group, n, ((tp, cp), (tg, cg)) in zip(layout.groups, counts, medians):
             R = S // group
             Pl, Gl = P.view(R, -1), G.view(R, -1)
-            n = layout.length.view(R, group).sum(1)
-            (tp, cp), (tg, cg) = layout.lower_medians(Pl, Gl, group, n, work, ctx.needs_input_grad[1])
             n1 = (n + 1).to(pred.dtype)
             # two buffers, no temporaries: x - t for each, then p_hat - g_hat in the first
             dp, dg = work.view(0, R), work.view(1, R)
