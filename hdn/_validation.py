@@ -39,6 +39,12 @@ def stats_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def finite(x: Tensor) -> Tensor:
+    """``torch.isfinite(x)`` for floating-point ``x`` in two passes instead of four:
+    ``x - x`` is 0 exactly where ``x`` is finite (NaN for NaN and the infinities)."""
+    return torch.sub(x, x) == 0
+
+
 def check_depth_inputs(
     pred: Tensor, target: Tensor, mask: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,7 +76,7 @@ def check_depth_inputs(
                 f"Invalid {name} dtype: we expect float16, bfloat16, float32 or float64. "
                 f"Got: {t.dtype}."
             )
-    valid = torch.isfinite(g)
+    valid = finite(g)
     if mask is not None:
         m = _as_bhw(mask, "mask")
         if m.shape != p.shape:
