@@ -269,7 +269,10 @@ class IntervalContexts(Contexts):
             and target._version == self._target_version
         )
         values = self._sorted_values if same else None
-        layout = GatherLayout.from_sorted(self._sorted_order, self._start, length, width, self.num_levels, values)
+        num_valid = int(self._count.sum())  # (the maximum-depth pixels are valid, in no bin)
+        layout = GatherLayout.from_sorted(
+            self._sorted_order, self._start, length, width, self.num_levels, values, num_valid
+        )
         layout.target_medians = self._medians if same else None
         return layout
 
@@ -284,7 +287,7 @@ def sorted_valid_values(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, 
     two threads when torch may use two; elsewhere a stable :func:`torch.sort`."""
     B = target.shape[0]
     rows = torch.where(valid, target, float("inf")).reshape(B, -1)
-    count = torch.count_nonzero(valid.reshape(B, -1), dim=1)
+    count = valid.reshape(B, -1).view(torch.uint8).sum(1, dtype=torch.int32).long()  # (no int64 copy)
     if rows.device.type != "cpu" or rows.dtype != torch.float32 or rows.shape[1] >= 2**31:
         values, order = torch.sort(rows, dim=1, stable=True)
         return values, count, order.to(torch.int32)

@@ -69,7 +69,7 @@ def _prepare_core(
 
 def _apply_core(p: Tensor, g: Tensor, valid: Tensor, core: RowLayout | _contexts.Contexts) -> Tensor:
     if isinstance(core, RowLayout):
-        return RowHierarchicalSSI.apply(p, g, valid, core)
+        return RowHierarchicalSSI.apply(p, g, core)
     return HierarchicalSSI.apply(p, g, valid, core)
 
 

@@ -10,19 +10,25 @@ depth order); then the contexts of level ``l`` are simply the rows of the *view*
 is a row reduction and every broadcast a view, and the loss of a member pixel is the mean
 of its ``L`` per-level losses.
 
+DR and DP bins are runs of each image's pixels in depth order (the order the contexts
+sorted the target in), so their layout is a window of that order per row, and the target
+laid out is copied from the sorted depths.
+
 Medians are row selections. On CPU they run in NumPy's introselect
 (:func:`numpy.partition`, several times faster than :func:`torch.median` along a
-dimension), the prediction and the target side by side in two threads; elsewhere in
-:func:`torch.kthvalue`. A row whose members do not fill it gets ``-inf`` and ``+inf`` in
-its other entries, so many that the lower median of the members sits at the same column
-``(width - 1) // 2`` of every row: one selection serves rows of any member count. Before a
-selection those entries are spread into distinct values on the same sides, since
-introselect slows down tenfold on rows made mostly of one repeated value.
+dimension), every level of a call in one round of two threads, each selection's rows
+halved between them; elsewhere in :func:`torch.kthvalue`. A row whose members do not fill
+it gets ``-inf`` and ``+inf`` in its other entries, so many that the lower median of the
+members sits at the same column ``(width - 1) // 2`` of every row: one selection serves
+rows of any member count. Before a selection those entries are spread into distinct
+values on the same sides, since introselect slows down tenfold on rows made mostly of one
+repeated value. The target's median column is searched only when its gradient is wanted.
 
 :class:`RowHierarchicalSSI` is the loss (forward and an analytic backward, the same
 derivation as :func:`hdn.segments._normalization_backward`). Between forward and backward
 it keeps the laid-out prediction (and the target where its gradient is wanted), an int8
-sign per level and per-row statistics: memory grows with pixels x levels, not with the
+sign per level and per-row statistics (the sums the backward needs of the signs, so that
+it passes over the rows twice per level): memory grows with pixels x levels, not with the
 number of contexts. Two scratch buffers per thread are kept from call to call on CPU
 (:func:`clear_workspace` releases them).
 """
@@ -54,6 +60,8 @@ class RowLayout:
     Attributes:
         member: ``(S, C)`` bool, True where the entry is a pixel of its row's context.
         length: ``(S,)`` members per row.
+        num_valid: the number of valid pixels (the loss's denominator; pixels in no row
+            count too).
         groups: per level (level 0 first), the number of consecutive rows that form one
             context of that level; ``S`` is divisible by each.
         num_pixels: ``N = B * H * W``.
@@ -61,6 +69,7 @@ class RowLayout:
 
     member: Tensor
     length: Tensor
+    num_valid: int
     groups: list[int]
     num_pixels: int
 
@@ -168,6 +177,7 @@ class GridLayout(RowLayout):
         real = torch.tensor(row_real, device=dev).view(-1, 1) & torch.tensor(col_real, device=dev).view(1, -1)
         self.member = self._arrange(valid.reshape(B, H, W)) & self._arrange(real.expand(B, -1, -1), padded=True)
         self.length = torch.count_nonzero(self.member, dim=1)  # (a dtype= sum would copy the mask)
+        self.num_valid = int(self.length.sum())  # every valid pixel is in one finest cell
         self._outside: _Outside | None = None
         self._bounds: list[tuple[float, float]] | None = None
 
@@ -267,8 +277,9 @@ class GatherLayout(RowLayout):
     Build with :meth:`from_sorted`.
     """
 
-    def __init__(self, index, front, length, inverse, groups, num_pixels):
+    def __init__(self, index, front, length, inverse, groups, num_pixels, num_valid=None):
         self.index, self.front, self.length = index, front, length
+        self.num_valid = int(length.sum()) if num_valid is None else num_valid
         self.inverse, self.groups, self.num_pixels = inverse, groups, num_pixels
         self.shape = tuple(index.shape)
         self.swing = ((index.shape[1] - length) % 2).bool()
@@ -290,6 +301,7 @@ class GatherLayout(RowLayout):
         width: int,
         levels: int,
         values: Tensor | None = None,
+        num_valid: int | None = None,
     ) -> GatherLayout:
         """Finest contexts as runs of each image's pixels in an order (by value, for DR/DP).
 
@@ -303,6 +315,7 @@ class GatherLayout(RowLayout):
             values: ``(B, P)`` the target's values in this order, if they are what the loss
                 will compare with: then the laid-out target is copied from them (row by
                 row, in order) rather than gathered pixel by pixel.
+            num_valid: valid pixels, if some are in no run (default: the run lengths' sum).
         """
         B, P = order.shape
         K = length.shape[1]
@@ -337,7 +350,7 @@ class GatherLayout(RowLayout):
         inverse = inverse[:N]
         laid_target = None if values is None else windows(values.reshape(-1), -float("inf"), float("inf"))
         groups = [2 ** (levels - 1 - lvl) for lvl in range(levels)]
-        layout = cls(index, front, length, inverse, groups, N)
+        layout = cls(index, front, length, inverse, groups, N, num_valid)
         layout.laid_target = laid_target
         return layout
 
@@ -736,15 +749,15 @@ def padded_row_lower_medians(
 class RowHierarchicalSSI(torch.autograd.Function):
     """HDN's ``"mean"`` aggregation over a :class:`RowLayout`.
 
-    ``forward(pred, target, valid, layout)`` with flat ``(N,)`` inputs, ``pred`` finite.
-    Every member pixel
-    is in exactly one context per level, so its loss is the mean of its ``L`` per-level
-    losses; the batch loss is their sum over the number of valid pixels. A batch without
-    a valid pixel gives 0 and a zero gradient.
+    ``forward(pred, target, layout)`` with flat ``(N,)`` inputs, ``pred`` finite, and the
+    layout of the valid pixels. Every member pixel is in exactly one context per level, so
+    its loss is the mean of its ``L`` per-level losses; the batch loss is their sum over
+    the number of valid pixels (``layout.num_valid``). A batch without a valid pixel gives
+    0 and a zero gradient.
     """
 
     @staticmethod
-    def forward(ctx, pred: Tensor, target: Tensor, valid: Tensor, layout: RowLayout) -> Tensor:  # type: ignore[override]
+    def forward(ctx, pred: Tensor, target: Tensor, layout: RowLayout) -> Tensor:  # type: ignore[override]
         zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
         # ``pred`` is finite (the caller's check); non-finite targets are invalid.
         P, G = layout.gather_pair(pred, target)
@@ -776,7 +789,7 @@ class RowHierarchicalSSI(torch.autograd.Function):
             signed_g = sign.mul_(dg).sum(1).mul_(ig)
             saved.append((n, tp, ip, cp, tg, ig, cg, saved_sign, sign_sum, row_loss + signed_g, signed_g))
         del work
-        n_valid = int(torch.count_nonzero(valid))  # (valid.sum() would copy it as int64)
+        n_valid = layout.num_valid
         scale = 1.0 / (len(layout.groups) * n_valid) if n_valid else 0.0
         ctx.layout, ctx.saved, ctx.scale, ctx.mask = layout, saved, scale, mask
         need_p, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -787,7 +800,7 @@ class RowHierarchicalSSI(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         need_p, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_p or need_g):
-            return None, None, None, None
+            return None, None, None
         P, G = ctx.saved_tensors
         layout, mask = ctx.layout, ctx.mask
         X = P if need_p else G
@@ -816,7 +829,6 @@ class RowHierarchicalSSI(torch.autograd.Function):
         return (
             layout.per_pixel(grad_p) if need_p else None,
             layout.per_pixel(grad_g) if need_g else None,
-            None,
             None,
         )
 

@@ -289,3 +289,166 @@ def test_gradients_are_fresh_tensors_not_kept_scratch_buffers(context):
     other = torch.rand(2, 1, 64, 64, requires_grad=True)
     _loss_fn(context)(other, g * 3).backward()  # reuses the scratch buffers
     torch.testing.assert_close(p.grad, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sorted_valid_values_give_the_values_and_order_of_a_stable_sort(batch, threads):
+    gen = torch.Generator().manual_seed(9)
+    target = torch.randn(batch, 64, 300, generator=gen)  # large enough for the two-thread path
+    target[:, :5] = torch.round(target[:, :5] * 2) / 2  # ties
+    target[:, 5, :10] = 0.0
+    target[:, 5, 10:20] = -0.0  # equal to 0.0, with another bit pattern
+    target[:, 6, :7] = float("nan")
+    target[:, 6, 7:9] = float("inf")
+    valid = torch.isfinite(target)
+    valid[:, 7, :3] = False  # masked out: sorts with the invalid pixels
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        values, count, order = C.sorted_valid_values(target, valid)
+    finally:
+        torch.set_num_threads(before)
+    want_values = torch.sort(torch.where(valid, target, float("inf")).reshape(batch, -1), dim=1).values
+    assert order.dtype == torch.int32
+    torch.testing.assert_close(count, valid.reshape(batch, -1).sum(1))
+    torch.testing.assert_close(values, want_values, rtol=0, atol=0)
+    flat = torch.where(valid, target, float("inf")).reshape(batch, -1)
+    torch.testing.assert_close(flat.gather(1, order.long()), want_values, rtol=0, atol=0)
+    for b in range(batch):
+        o = order[b].long()
+        assert torch.equal(o.sort().values, torch.arange(o.numel()))  # a permutation
+        # ties in pixel order (as the stable sort), except that -0.0 sorts before 0.0
+        key = torch.signbit(flat[b]).logical_not().to(torch.int64)  # -0.0 -> 0, 0.0 -> 1
+        tie = values[b][1:] == values[b][:-1]
+        later = (key[o[1:]] > key[o[:-1]]) | ((key[o[1:]] == key[o[:-1]]) & (o[1:] > o[:-1]))
+        assert bool((later | ~tie).all())
+
+
+def test_sorted_valid_values_of_float64_and_half_free_inputs_use_the_stable_sort():
+    target = torch.tensor([[3.0, 1.0, 2.0, 1.0, float("nan")]], dtype=torch.float64)
+    values, count, order = C.sorted_valid_values(target, torch.isfinite(target))
+    assert values[0, :4].tolist() == [1.0, 1.0, 2.0, 3.0] and int(count) == 4
+    assert order[0].tolist() == [1, 3, 2, 0, 4]
+
+
+@pytest.mark.parametrize("name", ["dr", "dp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_target_laid_out_from_the_sorted_depths_equals_the_gathered_target(name, dtype):
+    gen = torch.Generator().manual_seed(10)
+    g = (1 + torch.rand(3, 1, 30, 41, generator=gen)).to(dtype)
+    g[1, 0, :4] = float("nan")
+    ctx = C.build(name, g, levels=4)
+    copied = ctx.row_layout(ctx.valid, g[:, 0])  # the same target: copied from the sorted depths
+    gathered = ctx.row_layout(ctx.valid, g[:, 0].clone())  # another tensor: gathered pixel by pixel
+    assert copied.laid_target is not None and gathered.laid_target is None
+    flat = g.reshape(-1)
+    P1, G1 = copied.gather_pair(flat, flat)
+    P2, G2 = gathered.gather_pair(flat, flat)
+    torch.testing.assert_close(G1, G2, rtol=0, atol=0)  # padding (-inf, +inf) included
+    torch.testing.assert_close(P1, P2, rtol=0, atol=0)
+    torch.testing.assert_close(copied.inverse, gathered.inverse, rtol=0, atol=0)
+
+
+def _medians_one_level_at_a_time(layout, P, G, counts):
+    """Each level's medians as the per-level functions give them (the reference for the
+    all-levels round)."""
+    S = P.shape[0]
+    out = []
+    for group, n in zip(layout.groups, counts):
+        R = S // group
+        if isinstance(layout, rows.GridLayout):
+            picked = rows.row_lower_medians([P.view(R, -1), G.view(R, -1)], layout.member.view(R, -1), n)
+        else:
+            laid = [P.clone(), G.clone()]
+            for x in laid:
+                layout.set_swing(x, group)
+            work = rows._Workspace(P)
+            picked = [(t.masked_fill(n == 0, 0), c) for t, c in rows.padded_row_lower_medians([x.view(R, -1) for x in laid], work)]
+        out.append(picked)
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", ["ds", "ds-sparse", "dr", "dp", "dr-known"])
+def test_all_levels_selected_in_one_round_equal_one_level_at_a_time(case, threads):
+    gen = torch.Generator().manual_seed(11)
+    g = 1 + torch.rand(2, 1, 90, 70, generator=gen)  # large enough for the two-thread path
+    g[0, 0, :3] = float("nan")
+    if case == "ds-sparse":
+        g[torch.rand(g.shape, generator=gen) < 0.9] = float("nan")  # many fills: spread
+    p = torch.randn(g.shape, generator=gen)
+    name = case.split("-")[0]
+    ctx = C.build(name, g, levels=4)
+    layout = ctx.row_layout(ctx.valid, g[:, 0] if case == "dr-known" else None)
+    if name != "ds":
+        assert (layout.target_medians is not None) == (case == "dr-known")
+    P, G = layout.gather_pair(p.reshape(-1), torch.nan_to_num(g.reshape(-1)))
+    S = P.shape[0]
+    counts = [layout.length.view(S // group, group).sum(1) for group in layout.groups]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = layout.level_medians(P, G, counts, rows._Workspace(P), target_column=True)
+        without = layout.level_medians(P, G, counts, rows._Workspace(P), target_column=False)
+    finally:
+        torch.set_num_threads(before)
+    want = _medians_one_level_at_a_time(layout, P, G, counts)
+    member = layout.member
+    for level, group in enumerate(layout.groups):
+        R = S // group
+        for k, x in enumerate((P, G)):
+            (t, col), (t_want, _) = got[level][k], want[level][k]
+            torch.testing.assert_close(t, t_want.to(t.dtype), rtol=0, atol=0)
+            rows_with_members = counts[level] > 0
+            at = col[rows_with_members]
+            assert bool(member.view(R, -1)[rows_with_members].gather(1, at.unsqueeze(1)).all())
+            torch.testing.assert_close(x.view(R, -1)[rows_with_members].gather(1, at.unsqueeze(1)).squeeze(1), t[rows_with_members])
+        torch.testing.assert_close(without[level][1][0], got[level][1][0], rtol=0, atol=0)
+        assert without[level][1][1] is None and without[level][0][1] is not None
+
+
+def test_finite_is_torch_isfinite_for_every_float_dtype():
+    from hdn._validation import finite
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        info = torch.finfo(dtype)
+        x = torch.tensor([0.0, -0.0, 1.0, info.max, -info.max, info.tiny / 2, float("nan"), float("inf"), -float("inf")])
+        x = x.to(dtype)
+        got = finite(x)
+        assert got.dtype == torch.bool and torch.equal(got, torch.isfinite(x))
+    assert finite(torch.empty(0)).shape == (0,)
+
+
+def test_contexts_built_inside_hdn_loss_are_freed_before_the_loss_runs(monkeypatch):
+    import weakref
+
+    from hdn import losses
+
+    built = []
+    real_build, real_apply = C.build_checked, losses.RowHierarchicalSSI.apply
+
+    def build(*args, **kwargs):
+        contexts = real_build(*args, **kwargs)
+        built.append(weakref.ref(contexts))
+        return contexts
+
+    def apply(*args):
+        assert built and built[-1]() is None  # their sorted order (an image batch) is gone
+        return real_apply(*args)
+
+    monkeypatch.setattr(C, "build_checked", build)
+    monkeypatch.setattr(losses.RowHierarchicalSSI, "apply", apply)
+    g = torch.rand(2, 1, 16, 16) + 1
+    for name in ("dr", "dp", "ds"):
+        hdn.hdn_loss(torch.rand(2, 1, 16, 16), g, context=name, levels=3)
+    assert len(built) == 3
+
+
+@pytest.mark.parametrize("context", [None, "dr", "ds"])
+def test_loss_without_gradients_equals_the_loss_with_them(context):
+    g = torch.rand(2, 1, 32, 32) + 1
+    p = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        plain = _loss_fn(context)(p, g)
+    assert plain == _loss_fn(context)(p.clone().requires_grad_(True), g).detach()
