@@ -192,7 +192,7 @@ class GridLayout(RowLayout):
 
     def level_medians(self, P, G, counts, work, target_column=True):
         S = P.shape[0]
-        if P.device.type != "cpu":
+        if not _numpy_selects(P):
             return [
                 tuple(row_lower_medians([P.view(S // g, -1), G.view(S // g, -1)], self.member.view(S // g, -1), n))
                 for g, n in zip(self.groups, counts)
@@ -379,7 +379,7 @@ class GatherLayout(RowLayout):
     def level_medians(self, P, G, counts, work, target_column=True):
         S, C = self.shape
         known = self.target_medians
-        if P.device.type != "cpu":
+        if not _numpy_selects(P):
             out = []
             for level, (group, n) in enumerate(zip(self.groups, counts)):
                 R = S // group
@@ -447,6 +447,14 @@ class GatherLayout(RowLayout):
         inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
         rows = self.swing.nonzero().squeeze(1)
         x[:, C - 1].index_put_((rows,), torch.where(self.swing_below(group), -inf, inf))
+
+
+_NUMPY_SELECTION = True  # tests switch it off to run the torch.kthvalue path (CUDA's) on CPU
+
+
+def _numpy_selects(x: Tensor) -> bool:
+    """Whether row selections on ``x`` run in NumPy (CPU tensors) or in torch."""
+    return _NUMPY_SELECTION and x.device.type == "cpu"
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -698,7 +706,7 @@ def row_lower_medians(
     C = member.shape[1]
     column = (C - 1) // 2
     empty = count == 0
-    if member.device.type != "cpu":
+    if not _numpy_selects(member):
         below = column - torch.div(count - 1, 2, rounding_mode="floor").clamp(min=0)
         out = ~member
         low = out & (torch.cumsum(out, dim=1) <= below.unsqueeze(1))
@@ -735,7 +743,7 @@ def padded_row_lower_medians(
     """
     width = values[0].shape[1]
     column = (width - 1) // 2
-    if values[0].device.type != "cpu":
+    if not _numpy_selects(values[0]):
         return [tuple(torch.kthvalue(x, column + 1, dim=1)) for x in values]  # type: ignore[misc]
     bounds = bounds or [None] * len(values)
     columns = columns or [True] * len(values)

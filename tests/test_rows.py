@@ -452,3 +452,26 @@ def test_loss_without_gradients_equals_the_loss_with_them(context):
     with torch.no_grad():
         plain = _loss_fn(context)(p, g)
     assert plain == _loss_fn(context)(p.clone().requires_grad_(True), g).detach()
+
+
+@pytest.mark.parametrize("context", [None, "dr", "dp", "ds"])
+def test_torch_selection_path_of_cuda_gives_the_numpy_path_loss_and_gradients(context, monkeypatch):
+    """The selections that run on CUDA (torch.kthvalue, swing entries written into the
+    tensors) checked on the CPU against NumPy's, for the prediction and the target."""
+    gen = torch.Generator().manual_seed(12)
+    g = 1 + torch.rand(2, 1, 45, 38, generator=gen, dtype=torch.float64)
+    g[0, 0, :2] = float("nan")
+    g[1, 0, 10:20, 5:9] = float("nan")  # outside entries inside the grid
+    p = torch.randn(g.shape, generator=gen, dtype=torch.float64)
+
+    def run():
+        leaf_p, leaf_g = p.clone().requires_grad_(True), g.clone().requires_grad_(True)
+        loss = _loss_fn(context)(leaf_p, leaf_g)
+        loss.backward()
+        return loss.detach(), leaf_p.grad, torch.nan_to_num(leaf_g.grad)
+
+    numpy_path = run()
+    monkeypatch.setattr(rows, "_NUMPY_SELECTION", False)
+    torch_path = run()
+    for a, b in zip(numpy_path, torch_path):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
