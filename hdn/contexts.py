@@ -280,7 +280,8 @@ class IntervalContexts(Contexts):
 def sorted_valid_values(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Each image's valid values ascending, then ``+inf``: ``(B, H*W)``; the valid counts
     ``(B,)``; and the order, ``(B, H*W)`` int32: the pixel (within its image) at each sorted
-    place, ties (and the invalid pixels at the end) by pixel index.
+    place, ties (and the invalid pixels at the end) by pixel index (on CPU -0.0 sorts
+    before 0.0).
 
     On CPU, float32 values sort in NumPy as one int64 key per pixel (the value's
     order-preserving bits above the pixel index: vectorised sorting networks, no argsort),
