@@ -679,8 +679,7 @@ def row_lower_medians(
     outside: _Outside | None = None,
     work: _Workspace | None = None,
     bounds: list[tuple[float, float]] | None = None,
-    columns: Sequence[bool] | None = None,
-) -> list[tuple[Tensor, Tensor | None]]:
+) -> list[tuple[Tensor, Tensor]]:
     """Lower median of the members of every row, and a column where it stands.
 
     The entries outside the members become ``-inf`` or ``+inf``, ``column - (n - 1) // 2``
@@ -696,8 +695,6 @@ def row_lower_medians(
         outside: ``_Outside`` of the layout that ``member`` is a view of, if known.
         work: selection buffers, if known.
         bounds: per tensor, bounds of its members, to spread the fills (see :func:`_spread_ramps`).
-        columns: per tensor, whether its column is wanted (default: all); the CPU path
-            skips the search for the others and gives ``None``.
 
     Returns:
         per tensor ``(median (R,), column (R,) int64)``; rows without members get median 0
@@ -718,7 +715,7 @@ def row_lower_medians(
         outside = _Outside(member)
     if work is None:
         work = _Workspace(values[0])
-    picked = _run_selections(_member_selections(values, count, outside, bounds, columns), work)
+    picked = _run_selections(_member_selections(values, count, outside, bounds), work)
     return list(_empty_to_zero(picked, count))
 
 
@@ -726,8 +723,7 @@ def padded_row_lower_medians(
     values: list[Tensor],
     work: _Workspace,
     bounds: list[tuple[float, float]] | None = None,
-    columns: Sequence[bool] | None = None,
-) -> list[tuple[Tensor, Tensor | None]]:
+) -> list[tuple[Tensor, Tensor]]:
     """Lower medians of rows whose padding already reads ``-inf``/``+inf`` in the right
     numbers (:meth:`GatherLayout.set_swing`): each row's middle entry after selection.
 
@@ -735,7 +731,6 @@ def padded_row_lower_medians(
         values: tensors ``(R, C)``.
         work: selection buffers.
         bounds: per tensor, a lower and an upper bound of its members, if known.
-        columns: as in :func:`row_lower_medians`.
 
     Returns:
         per tensor ``(median (R,), column (R,) int64)``; a row without members gives an
@@ -745,12 +740,9 @@ def padded_row_lower_medians(
     column = (width - 1) // 2
     if not _numpy_selects(values[0]):
         return [tuple(torch.kthvalue(x, column + 1, dim=1)) for x in values]  # type: ignore[misc]
+    rows = [x.detach().numpy() for x in values]
     bounds = bounds or [None] * len(values)
-    columns = columns or [True] * len(values)
-    selections = [
-        _Selection(x.detach().numpy(), column, want, ramps=_spread_ramps(b, width, x.detach().numpy().dtype))
-        for x, b, want in zip(values, bounds, columns)
-    ]
+    selections = [_Selection(x, column, ramps=_spread_ramps(b, width, x.dtype)) for x, b in zip(rows, bounds)]
     return _run_selections(selections, work)
 
 
