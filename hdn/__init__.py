@@ -6,9 +6,9 @@ Functional API plus thin ``nn.Module`` wrappers::
     loss = hdn.hdn_loss(pred, target, mask, context="dr", levels=3)
 """
 
-from . import alignment, contexts, data, metrics
-from .alignment import align_least_squares, compute_scale_and_shift
-from .losses import (
+from hdn import alignment, contexts, data, metrics
+from hdn.alignment import align_least_squares, compute_scale_and_shift
+from hdn.losses import (
     GradientMatchingLoss,
     HDNLoss,
     SSILoss,
@@ -17,7 +17,7 @@ from .losses import (
     hdn_loss,
     ssi_loss,
 )
-from .normalization import context_normalize, ssi_normalize
+from hdn.normalization import context_normalize, ssi_normalize
 
 __version__ = "0.1.0"
 

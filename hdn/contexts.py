@@ -2,7 +2,7 @@
 
 A :class:`Contexts` object describes, for a batch of ``B`` images of ``H x W`` pixels, a
 hierarchy of *levels*; each level assigns pixels to contexts (segment ids, see
-:class:`hdn.segments.ContextLevel`). The loss never asks what kind of contexts it got.
+:class:`hdn._core.segments.ContextLevel`). The loss never asks what kind of contexts it got.
 
 Generators (SPEC sections 3 and 4):
 
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validation import _as_bhw, check_levels
-from .rows import GatherLayout, GridLayout, RowLayout
-from .rows import _pool as _select_pool
-from .segments import ContextLevel
+from hdn._core.rows import GatherLayout, GridLayout, RowLayout
+from hdn._core.rows import _pool as _select_pool
+from hdn._core.segments import ContextLevel
+from hdn._validation import _as_bhw, check_levels
 
 __all__ = [
     "CONTEXT_NAMES",
@@ -75,7 +75,7 @@ class Contexts:
         raise NotImplementedError
 
     def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RowLayout | None:
-        """The levels as padded rows (:mod:`hdn.rows`) for the valid pixels ``(B, H, W)``, or
+        """The levels as padded rows (:mod:`hdn._core.rows`) for the valid pixels ``(B, H, W)``, or
         ``None`` where they are not nested partitions of one member set (then the loss uses
         the general segment core)."""
         return None
@@ -243,7 +243,7 @@ class IntervalContexts(Contexts):
         return ContextLevel(torch.cat([last.long(), pair_bin]), 2**index, pix)
 
     def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RowLayout | None:
-        """Finest bins as rows of their pixels (:class:`hdn.rows.GatherLayout`).
+        """Finest bins as rows of their pixels (:class:`hdn._core.rows.GatherLayout`).
 
         A finest bin is a run of each image's pixels in value order (the order the target
         was sorted in when the contexts were made), so the layout needs no further sort.
@@ -518,7 +518,7 @@ class GridContexts(Contexts):
         self.num_levels = levels
 
     def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RowLayout:
-        """Finest cells as rows in quadtree order (:class:`hdn.rows.GridLayout`)."""
+        """Finest cells as rows in quadtree order (:class:`hdn._core.rows.GridLayout`)."""
         return GridLayout(valid.view(self.shape), self.num_levels)
 
     @staticmethod

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import contexts as _contexts
-from ._validation import check_depth_inputs, check_levels, stats_dtype
-from .normalization import ssi_normalize
-from .rows import RowHierarchicalSSI, RowLayout
-from .segments import HierarchicalSSI
+from hdn import contexts as _contexts
+from hdn._core.rows import RowHierarchicalSSI, RowLayout
+from hdn._core.segments import HierarchicalSSI
+from hdn._validation import check_depth_inputs, check_levels, stats_dtype
+from hdn.normalization import ssi_normalize
 
 __all__ = [
     "GradientMatchingLoss",

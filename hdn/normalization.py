@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validation import _as_bhw, stats_dtype
-from .contexts import Contexts
-from .segments import resolve_level, segment_stats, value_order
+from hdn._core.segments import resolve_level, segment_stats, value_order
+from hdn._validation import _as_bhw, stats_dtype
+from hdn.contexts import Contexts
 
 __all__ = ["context_normalize", "ssi_normalize"]
 
@@ -88,7 +88,7 @@ def ssi_normalize(x: Tensor, mask: Tensor | None = None) -> Tensor:
         >>> ssi_normalize(torch.tensor([[[1.0, 2.0, 4.0]]]))  # t = 2, s = (1 + 0 + 2) / 4
         tensor([[[-1.3333,  0.0000,  2.6667]]])
     """
-    from .contexts import whole_image
+    from hdn.contexts import whole_image
 
     x3 = _as_bhw(x, "x")
     return context_normalize(x3, whole_image(x3, mask), 0, mask)

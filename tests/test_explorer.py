@@ -1,4 +1,4 @@
-"""Loss maps and the widget explorers of hdn.explorer (notebooks 01-03)."""
+"""Loss maps and the widget explorers of hdn.workbook.explorer (notebooks 01-03)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 import hdn
 from hdn import contexts as C
 from hdn.data import blurred, near_far_scene
-from hdn.explorer import (
+from hdn.reference import hierarchical_loss, normalize
+from hdn.workbook.explorer import (
     ContextExplorer,
     GridExplorer,
     boundary_regions,
@@ -25,7 +26,6 @@ from hdn.explorer import (
     per_pixel_loss_map,
     region_loss_share,
 )
-from hdn.reference import hierarchical_loss, normalize
 
 
 @pytest.fixture(scope="module")

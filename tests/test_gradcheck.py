@@ -18,7 +18,7 @@ import hdn
 from hdn import contexts as C
 from hdn import reference
 from hdn.alignment import align_least_squares
-from hdn.gradients import ssi_loss_count_n
+from hdn.workbook.gradients import ssi_loss_count_n
 
 EPS = 1e-6
 _MIN_GAP = 1e-4  # 100 x eps: a perturbation cannot reorder values or cross a sign change

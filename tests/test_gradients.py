@@ -1,4 +1,4 @@
-"""hdn.gradients: the analytic SSI gradient, gradient maps, descent on a map, the explorer."""
+"""hdn.workbook.gradients: the analytic SSI gradient, gradient maps, descent on a map, the explorer."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 
 import hdn
 from hdn import reference
+from hdn._core.segments import EPS
 from hdn.data import near_far_scene
-from hdn.gradients import (
+from hdn.workbook.gradients import (
     DescentExplorer,
     aligned_error,
     aligned_error_map,
@@ -24,7 +25,6 @@ from hdn.gradients import (
     ssi_gradient_parts,
     ssi_loss_count_n,
 )
-from hdn.segments import EPS
 
 
 def _inputs(shape=(2, 1, 7, 9), seed=0, dtype=torch.float64, holes=True):
@@ -91,7 +91,7 @@ def test_ssi_gradient_parts_are_zero_for_an_image_without_valid_pixels():
 
 
 def test_ssi_with_plus_one_through_autograd_equals_ssi_loss():
-    from hdn.gradients import _ssi_autograd
+    from hdn.workbook.gradients import _ssi_autograd
 
     pred, target, mask = _inputs((2, 7, 6), seed=6)
     fn = lambda p, g, m: _ssi_autograd(p, g, m, count_offset=1)

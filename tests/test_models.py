@@ -1,11 +1,11 @@
-"""The small U-Net of hdn.models."""
+"""The small U-Net of hdn.toy.models."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hdn.models import UNet, count_parameters
+from hdn.toy.models import UNet, count_parameters
 
 
 def test_default_unet_has_fewer_than_one_million_parameters():

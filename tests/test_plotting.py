@@ -1,4 +1,4 @@
-"""The workbook's plotting helpers (hdn.plotting)."""
+"""The workbook's plotting helpers (hdn.workbook.plotting)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from matplotlib.figure import Figure
 
 from hdn.contexts import spatial_grid
-from hdn.plotting import (
+from hdn.workbook.plotting import (
     DEPTH_CMAP,
     LOSS_CMAP,
     NORMALIZED_CMAP,

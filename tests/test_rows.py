@@ -1,4 +1,4 @@
-"""The row core (hdn.rows): layouts, row selections, and when the loss uses it.
+"""The row core (hdn._core.rows): layouts, row selections, and when the loss uses it.
 
 Values and gradients of the losses that run on it are pinned against the reference in
 test_exactness.py and test_gradcheck.py; these tests pin the pieces.
@@ -15,7 +15,7 @@ import torch
 import hdn
 from hdn import contexts as C
 from hdn import reference as ref
-from hdn import rows
+from hdn._core import rows
 
 SHAPES = ((1, 5, 7), (2, 9, 31), (3, 16, 20), (1, 33, 17))
 

@@ -1,4 +1,4 @@
-"""The procedural RGB-D scenes of hdn.synthetic and the committed toy split under data/."""
+"""The procedural RGB-D scenes of hdn.toy.synthetic and the committed toy split under data/."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hdn.synthetic import (
+from hdn.toy.synthetic import (
     arrays_sha256,
     file_sha256,
     load_split,
@@ -36,7 +36,7 @@ def _readme_section() -> str:
 
 def _readme_command_and_checksum() -> tuple[list[str], str]:
     section = _readme_section()
-    command = re.search(r"^(python -m hdn\.synthetic .+)$", section, flags=re.MULTILINE)
+    command = re.search(r"^(python -m hdn\.toy\.synthetic .+)$", section, flags=re.MULTILINE)
     checksum = re.search(r"\b([0-9a-f]{64})\b", section)
     assert command and checksum, "the README section must state the command and the sha256"
     return shlex.split(command.group(1)), checksum.group(1)
@@ -154,7 +154,7 @@ def test_committed_scenes_are_those_make_scene_draws():
 
 def test_readme_command_regenerates_the_committed_split_bit_for_bit(tmp_path):
     argv, checksum = _readme_command_and_checksum()
-    assert argv[:3] == ["python", "-m", "hdn.synthetic"]
+    assert argv[:3] == ["python", "-m", "hdn.toy.synthetic"]
     out = argv.index("--out") + 1
     argv[out] = str(tmp_path / "regenerated.npz")
     result = subprocess.run(

@@ -1,4 +1,4 @@
-"""hdn.experiments.toy_ablation: the CLI writes one row per run and a figure; summarize's math."""
+"""hdn.toy.experiments.toy_ablation: the CLI writes one row per run and a figure; summarize's math."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import matplotlib
 import pytest
 
-from hdn.experiments.toy_ablation import (
+from hdn.toy.experiments.toy_ablation import (
     ROW_KEYS,
     format_table,
     load_results,
@@ -16,7 +16,7 @@ from hdn.experiments.toy_ablation import (
     plot_summary,
     summarize,
 )
-from hdn.synthetic import make_split, save_split
+from hdn.toy.synthetic import make_split, save_split
 
 matplotlib.use("Agg")
 
@@ -43,7 +43,7 @@ def test_cli_writes_one_row_per_run_with_the_schema_and_a_figure(tmp_path, tiny_
     meta, rows = load_results(out)
     assert list(meta) == sorted(meta)
     assert meta["complete"] is True and meta["runs_done"] == meta["runs_planned"] == 2
-    assert meta["command"].startswith("python -m hdn.experiments.toy_ablation --steps 2")
+    assert meta["command"].startswith("python -m hdn.toy.experiments.toy_ablation --steps 2")
     assert meta["elapsed_s"] > 0
     assert "git_commit" in meta and "git_dirty" in meta
     assert [r["loss"] for r in rows] == ["ssi", "hdn-dr"]
@@ -117,8 +117,8 @@ def test_load_results_rejects_a_file_without_rows(tmp_path):
 def test_interior_fine_detail_error_ignores_silhouettes_but_not_a_flat_interior():
     import torch
 
-    from hdn.experiments.toy_ablation import interior_fine_detail_error
     from hdn.metrics import fine_detail_error
+    from hdn.toy.experiments.toy_ablation import interior_fine_detail_error
 
     d = torch.full((1, 1, 16, 16), 40.0)
     d[..., 4:12, 2:10] = 1.0 + 0.05 * torch.arange(8.0)  # a near box with a relief ramp

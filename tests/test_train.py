@@ -1,4 +1,4 @@
-"""Training loop of hdn.train: losses by name, determinism, checkpoints, metrics, CLI."""
+"""Training loop of hdn.toy.train: losses by name, determinism, checkpoints, metrics, CLI."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hdn.synthetic import make_split, save_split
-from hdn.train import LOSS_NAMES, TrainConfig, make_loss, train
+from hdn.toy.synthetic import make_split, save_split
+from hdn.toy.train import LOSS_NAMES, TrainConfig, make_loss, train
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"abs_rel", "delta1", "delta2", "delta3", "rmse", "fine_detail_error", "wall_time_s"}
@@ -118,7 +118,7 @@ def test_cli_trains_two_steps_and_writes_metrics(tiny, tmp_path):
     save_split(tmp_path / "tiny.npz", tiny)
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "hdn.train", "--loss", "hdn-dp", "--levels", "2", "--steps", "2",
+        sys.executable, "-m", "hdn.toy.train", "--loss", "hdn-dp", "--levels", "2", "--steps", "2",
         "--batch-size", "2", "--base", "8", "--depth", "2", "--data", str(tmp_path / "tiny.npz"),
         "--out", str(out), "--device", "cpu", "--no-progress",
     ]  # fmt: skip

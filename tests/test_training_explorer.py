@@ -1,4 +1,4 @@
-"""hdn.training_explorer.LevelExplorer: widget values drive what is drawn; maps match the library."""
+"""hdn.workbook.training_explorer.LevelExplorer: widget values drive what is drawn; maps match the library."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from hdn import context_normalize, contexts
-from hdn.models import UNet
-from hdn.synthetic import make_scene
-from hdn.training_explorer import LevelExplorer
+from hdn.toy.models import UNet
+from hdn.toy.synthetic import make_scene
+from hdn.workbook.training_explorer import LevelExplorer
 
 matplotlib.use("Agg")
 
@@ -122,7 +122,7 @@ def test_bad_arguments_are_rejected(scene):
 
 def test_error_maps_average_to_the_abs_rel_and_fine_detail_metrics(scene):
     from hdn.metrics import fine_detail_error, zero_shot_metrics
-    from hdn.training_explorer import error_maps
+    from hdn.workbook.training_explorer import error_maps
 
     torch.manual_seed(1)
     depth = torch.stack([torch.from_numpy(make_scene(i, 16, 16).depth) for i in range(3)])[:, None]
@@ -144,7 +144,7 @@ def test_error_maps_average_to_the_abs_rel_and_fine_detail_metrics(scene):
 
 def test_level_losses_of_one_level_hierarchy_is_the_ssi_loss_and_levels_match_the_explorer(scene):
     from hdn import ssi_loss
-    from hdn.training_explorer import level_losses
+    from hdn.workbook.training_explorer import level_losses
 
     rgb, gt, valid = scene
     torch.manual_seed(2)

@@ -1,4 +1,4 @@
-"""The README's overview figure, redrawn from the package: ``python -m hdn.figures``.
+"""The README's overview figure, redrawn from the package: ``python -m hdn.workbook.figures``.
 
 Middlebury 2014 Motorcycle (Scharstein et al., GCPR 2014): the scene, its depth-range
 contexts at one level, and where the SSI and HDN-DR losses put their weight for a blurred
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import matplotlib
 
-from .contexts import depth_range, whole_image
-from .data import blurred, middlebury_motorcycle
-from .explorer import per_pixel_loss_map
-from .plotting import show_contexts, show_map
+from hdn.contexts import depth_range, whole_image
+from hdn.data import blurred, middlebury_motorcycle
+from hdn.workbook.explorer import per_pixel_loss_map
+from hdn.workbook.plotting import show_contexts, show_map
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "docs" / "overview.png"
 

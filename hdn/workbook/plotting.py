@@ -10,7 +10,10 @@ Conventions:
 * per-pixel loss ``|p_hat - g_hat|`` (no unit): :data:`LOSS_CMAP`, from 0;
 * context labels: :data:`CONTEXT_CMAP`, pixels in no context in :data:`NONE_COLOR`.
 
-Invalid pixels (``valid`` False) and pixels outside the shown context are left blank.
+Invalid pixels (``valid`` False, no ground truth) and pixels outside the shown context are drawn
+in one grey, :data:`INVALID_COLOR`, in every kind of map, with a legend entry "no ground truth".
+It is never white, because white is the zero of the diverging map of normalised depths: a
+pixel without ground truth must not look like a pixel at the median.
 """
 
 from __future__ import annotations
@@ -24,15 +27,18 @@ from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
+from matplotlib.patches import Patch
 from torch import Tensor
 
 __all__ = [
     "CONTEXT_CMAP",
     "DEPTH_CMAP",
+    "INVALID_COLOR",
     "LOSS_CMAP",
     "MAP_KINDS",
     "NONE_COLOR",
     "NORMALIZED_CMAP",
+    "add_invalid_legend",
     "draw_grid",
     "figure_png",
     "grid_edges",
@@ -45,7 +51,12 @@ DEPTH_CMAP = "viridis"
 NORMALIZED_CMAP = "RdBu_r"
 LOSS_CMAP = "inferno"
 CONTEXT_CMAP = "tab20"
-NONE_COLOR = "lightgrey"
+#: Colour of pixels with no ground truth (and of pixels in no context), in every map kind.
+INVALID_COLOR = "#8c8c8c"
+NONE_COLOR = INVALID_COLOR
+INVALID_LABEL = "no ground truth"
+# tab20 without its two greys, which would read as "no ground truth".
+_CONTEXT_COLOURS = [c for i, c in enumerate(mpl.colormaps[CONTEXT_CMAP].colors) if i not in (14, 15)]
 
 MAP_KINDS = {
     # kind: (colormap, default colorbar label)
@@ -105,6 +116,7 @@ def show_map(
     vmax: float | None = None,
     cmap: str | None = None,
     colorbar: bool = True,
+    legend: bool = True,
 ) -> AxesImage:
     """Draw one map with the workbook's colormap and a labelled colorbar.
 
@@ -115,12 +127,15 @@ def show_map(
         kind: ``"depth"`` (metres), ``"normalized"`` (symmetric about 0), ``"loss"`` (from 0)
             or ``"image"``.
         title: axes title.
-        valid: optional ``(H, W)`` bool; pixels where it is False are left blank.
+        valid: optional ``(H, W)`` bool; pixels where it is False (and non-finite values) are
+            drawn in :data:`INVALID_COLOR`.
         label: colorbar label; default from :data:`MAP_KINDS`.
         vmin, vmax: colour limits; ``"normalized"`` defaults to the symmetric range of the
             shown values, ``"loss"`` to ``[0, max]``.
         cmap: colormap name replacing the kind's (e.g. ``"gray"`` for a background).
         colorbar: draw the colorbar.
+        legend: when some pixel is hidden, add the legend entry "no ground truth" for
+            :data:`INVALID_COLOR` (:func:`add_invalid_legend`).
 
     Returns:
         The :class:`~matplotlib.image.AxesImage`; its array is a masked array whose mask is
@@ -154,13 +169,31 @@ def show_map(
             vmin = -vmax
         if kind == "loss" and vmin is None:
             vmin = 0.0
-        im = ax.imshow(shown, cmap=mpl.colormaps[cmap].with_extremes(bad="white"), vmin=vmin, vmax=vmax)
+        colours = mpl.colormaps[cmap].with_extremes(bad=INVALID_COLOR)
+        im = ax.imshow(shown, cmap=colours, vmin=vmin, vmax=vmax)
         if colorbar:
             ax.figure.colorbar(im, ax=ax, shrink=0.85, label=label)
+        if legend and hidden.any():
+            add_invalid_legend(ax)
     ax.set_title(title)
     ax.set_xlabel("column (px)")
     ax.set_ylabel("row (px)")
     return im
+
+
+def add_invalid_legend(ax: Axes, label: str = INVALID_LABEL) -> None:
+    """Add a legend entry for :data:`INVALID_COLOR` (pixels with no ground truth) to ``ax``.
+
+    Examples:
+        >>> fig = Figure()
+        >>> ax = fig.subplots()
+        >>> add_invalid_legend(ax)
+        >>> [t.get_text() for t in ax.get_legend().get_texts()]
+        ['no ground truth']
+    """
+    handle = Patch(facecolor=INVALID_COLOR, edgecolor="none", label=label)
+    ax.legend(handles=[handle], loc="lower left", fontsize=7, framealpha=0.85,
+              handlelength=1.0, borderpad=0.3)
 
 
 def show_contexts(
@@ -171,7 +204,7 @@ def show_contexts(
     count: int | None = None,
     colorbar: bool = True,
 ) -> AxesImage:
-    """Draw a context-index map (``level_ids``): one colour per context, grey for "none" (-1).
+    """Draw a context-index map (``level_ids``): one colour per context, :data:`NONE_COLOR` for -1.
 
     Args:
         ax: the axes.
@@ -186,8 +219,8 @@ def show_contexts(
     a = _image_2d(ids, "ids").astype(np.int64)
     k = int(a.max()) + 1 if count is None else int(count)
     k = max(k, 1)
-    base = mpl.colormaps[CONTEXT_CMAP]
-    cmap = ListedColormap([base(i % base.N) for i in range(k)]).with_extremes(bad=NONE_COLOR)
+    cmap = ListedColormap([_CONTEXT_COLOURS[i % len(_CONTEXT_COLOURS)] for i in range(k)])
+    cmap = cmap.with_extremes(bad=NONE_COLOR)
     im = ax.imshow(np.ma.masked_less(a, 0), cmap=cmap, vmin=-0.5, vmax=k - 0.5)
     if colorbar:
         cb = ax.figure.colorbar(im, ax=ax, shrink=0.85, label="context index")

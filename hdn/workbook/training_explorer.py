@@ -25,13 +25,13 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from . import contexts as _contexts
-from ._validation import check_levels
-from .alignment import align_least_squares
-from .contexts import CONTEXT_NAMES, Contexts
-from .metrics import _nearest_pixels
-from .normalization import context_normalize
-from .plotting import draw_grid, figure_png, show_contexts, show_map
+from hdn import contexts as _contexts
+from hdn._validation import check_levels
+from hdn.alignment import align_least_squares
+from hdn.contexts import CONTEXT_NAMES, Contexts
+from hdn.metrics import _nearest_pixels
+from hdn.normalization import context_normalize
+from hdn.workbook.plotting import draw_grid, figure_png, show_contexts, show_map
 
 __all__ = ["CONTEXT_TITLES", "LevelExplorer", "error_maps", "level_losses"]
 
@@ -169,7 +169,7 @@ class LevelExplorer:
         rendered figure; ``renders``: how many times the callbacks drew.
 
     Examples:
-        >>> from hdn.models import UNet
+        >>> from hdn.toy.models import UNet
         >>> torch.manual_seed(0) is not None
         True
         >>> g = torch.linspace(1.0, 4.0, 256).view(16, 16)

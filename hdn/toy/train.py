@@ -1,18 +1,18 @@
-"""Train the small U-Net of :mod:`hdn.models` with an SSI or HDN loss, from a notebook or a shell.
+"""Train the small U-Net of :mod:`hdn.toy.models` with an SSI or HDN loss, from a notebook or a shell.
 
 From Python::
 
-    from hdn.train import TrainConfig, train
+    from hdn.toy.train import TrainConfig, train
     result = train(TrainConfig(loss="hdn-dr", levels=3, steps=500, out_dir="runs/dr"))
     result.metrics["abs_rel"], result.metrics["fine_detail_error"]
 
 From a shell::
 
-    python -m hdn.train --loss hdn-dr --levels 3 --steps 500 --out runs/dr
-    python -m hdn.train --loss hdn-dr --levels 3 --steps 1000 --out runs/dr --resume
+    python -m hdn.toy.train --loss hdn-dr --levels 3 --steps 500 --out runs/dr
+    python -m hdn.toy.train --loss hdn-dr --levels 3 --steps 1000 --out runs/dr --resume
 
 The losses see the per-scene scaled and shifted ground truth ``gt`` of
-:mod:`hdn.synthetic`; the final evaluation compares the prediction with the metric
+:mod:`hdn.toy.synthetic`; the final evaluation compares the prediction with the metric
 ``depth`` of the test split after least-squares alignment in depth space
 (:func:`hdn.metrics.zero_shot_metrics`), plus :func:`hdn.metrics.fine_detail_error`.
 
@@ -38,11 +38,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import contexts as _contexts
-from .losses import gradient_matching_loss, hdn_loss, ssi_loss
-from .metrics import fine_detail_error, zero_shot_metrics
-from .models import UNet
-from .synthetic import load_split
+from hdn import contexts as _contexts
+from hdn.losses import gradient_matching_loss, hdn_loss, ssi_loss
+from hdn.metrics import fine_detail_error, zero_shot_metrics
+from hdn.toy.models import UNet
+from hdn.toy.synthetic import load_split
 
 __all__ = [
     "LOSS_NAMES",
@@ -57,7 +57,7 @@ __all__ = [
 #: Loss names accepted by :func:`make_loss` and ``--loss``.
 LOSS_NAMES = ("ssi", "hdn-dr", "hdn-dp", "hdn-ds", "hdn-rdi", "hdn-rc")
 
-#: The committed toy split (``python -m hdn.synthetic --out data/toy_rgbd.npz ...``).
+#: The committed toy split (``python -m hdn.toy.synthetic --out data/toy_rgbd.npz ...``).
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "toy_rgbd.npz"
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -153,7 +153,7 @@ class TrainConfig:
         grad_matching: weight of :func:`hdn.gradient_matching_loss` (4 scales); 0 = off.
         crop: train on random ``crop x crop`` crops (divisible by ``2**depth``); None = whole images.
         hflip: random horizontal flips.
-        base, depth: width and depth of the :class:`hdn.models.UNet`.
+        base, depth: width and depth of the :class:`hdn.toy.models.UNet`.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         data: split file used when :func:`train` gets no data; None = the committed toy split.
         out_dir: where ``checkpoint.pt`` and ``metrics.json`` go; None = write nothing.
@@ -248,7 +248,7 @@ def _load_data(config: TrainConfig, data: object) -> Mapping[str, Mapping[str, n
     if not isinstance(data, Mapping) or "train" not in data:
         raise ValueError(
             "Invalid data: we expect a path or a mapping {'train': split, 'test': split} of "
-            f"hdn.synthetic splits. Got: {type(data).__name__}."
+            f"hdn.toy.synthetic splits. Got: {type(data).__name__}."
         )
     return data
 
@@ -378,7 +378,7 @@ def train(
     data: Mapping[str, Mapping[str, np.ndarray]] | str | os.PathLike | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a :class:`hdn.models.UNet` with ``config.loss`` and evaluate it on the test split.
+    """Train a :class:`hdn.toy.models.UNet` with ``config.loss`` and evaluate it on the test split.
 
     Each step draws a batch (see the module docstring), computes
     ``loss(pred, gt, valid) + grad_matching * gradient_matching_loss(pred, gt, valid)``
@@ -387,7 +387,7 @@ def train(
 
     Args:
         config: the options.
-        data: ``{"train": split, "test": split}`` as returned by :func:`hdn.synthetic.load_split`
+        data: ``{"train": split, "test": split}`` as returned by :func:`hdn.toy.synthetic.load_split`
             (arrays ``rgb``, ``gt``, ``depth``, ``valid``), a path to such a file, or None
             for ``config.data`` (default: the committed toy split).
         progress: show a tqdm progress bar.
@@ -516,7 +516,7 @@ def _run_steps(
 def _parser() -> argparse.ArgumentParser:
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     p = argparse.ArgumentParser(
-        prog="python -m hdn.train", description="Train the small U-Net with an SSI/HDN loss."
+        prog="python -m hdn.toy.train", description="Train the small U-Net with an SSI/HDN loss."
     )
     p.add_argument("--loss", choices=LOSS_NAMES, default=defaults["loss"])
     p.add_argument("--levels", type=int, default=defaults["levels"])
@@ -545,7 +545,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
-    """Command-line entry point: ``python -m hdn.train --loss hdn-dr --levels 3 --steps 500 --out runs/dr``."""
+    """Command-line entry point: ``python -m hdn.toy.train --loss hdn-dr --levels 3 --steps 500 --out runs/dr``."""
     args = _parser().parse_args(argv)
     config = TrainConfig(
         loss=args.loss, levels=args.levels, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

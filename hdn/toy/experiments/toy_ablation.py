@@ -1,11 +1,11 @@
 """A small reproduction of the paper's loss ablation on the toy RGB-D split.
 
-Trains the U-Net of :mod:`hdn.models` with every loss variant of :data:`hdn.train.LOSS_NAMES`
+Trains the U-Net of :mod:`hdn.toy.models` with every loss variant of :data:`hdn.toy.train.LOSS_NAMES`
 and several seeds, evaluates each run on the test split (AbsRel, delta1 after image-level
 least-squares alignment; :func:`hdn.metrics.fine_detail_error` on the nearest quarter of the
 pixels), and writes one JSON row per run plus a bar figure of mean +- std per loss::
 
-    python -m hdn.experiments.toy_ablation --steps 500 --seeds 0 1 2 \\
+    python -m hdn.toy.experiments.toy_ablation --steps 500 --seeds 0 1 2 \\
         --losses ssi hdn-dr hdn-dp hdn-ds hdn-rdi hdn-rc --levels 3 --jobs 2 \\
         --out data/results/toy_ablation.json --figure data/results/toy_ablation.png
 
@@ -16,7 +16,7 @@ the runs already in the file (``--overwrite`` starts afresh).
 
 From Python (the notebook)::
 
-    from hdn.experiments.toy_ablation import load_results, summarize, format_table
+    from hdn.toy.experiments.toy_ablation import load_results, summarize, format_table
     meta, rows = load_results("data/results/toy_ablation.json")
     print(format_table(summarize(rows)))
 """
@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..metrics import _nearest_pixels, fine_detail_error
-from ..synthetic import load_split
-from ..train import DEFAULT_DATA, LOSS_NAMES, TrainConfig, predict, train
+from hdn.metrics import _nearest_pixels, fine_detail_error
+from hdn.toy.synthetic import load_split
+from hdn.toy.train import DEFAULT_DATA, LOSS_NAMES, TrainConfig, predict, train
 
 __all__ = [
     "METRICS",
@@ -150,7 +150,7 @@ def run_one(options: Mapping[str, object], threads: int = 1) -> dict[str, object
     """Train and evaluate one run; returns its result row (keys :data:`ROW_KEYS`).
 
     Args:
-        options: keyword arguments of :class:`hdn.train.TrainConfig` (``loss``, ``levels``,
+        options: keyword arguments of :class:`hdn.toy.train.TrainConfig` (``loss``, ``levels``,
             ``seed``, ``steps``, ...); ``out_dir`` and ``resume`` are not allowed.
         threads: ``torch.set_num_threads`` for the run (restored afterwards).
     """
@@ -241,7 +241,7 @@ def summarize(
     """Mean and sample standard deviation (``ddof=1``) of each metric per loss.
 
     Rows are grouped by ``(loss, levels, steps)``; groups come out in the order of
-    :data:`hdn.train.LOSS_NAMES`. A group of one run has std NaN.
+    :data:`hdn.toy.train.LOSS_NAMES`. A group of one run has std NaN.
 
     Returns:
         one dict per group with ``loss``, ``levels``, ``steps``, ``n`` (number of runs),
@@ -363,7 +363,7 @@ def plot_summary(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m hdn.experiments.toy_ablation",
+        prog="python -m hdn.toy.experiments.toy_ablation",
         description="Train every loss variant with several seeds on the toy split.",
     )
     p.add_argument("--steps", type=int, default=500)
@@ -412,7 +412,7 @@ def _git_state() -> dict[str, object]:
 
 def _command_line(argv: Sequence[str] | None) -> str:
     args = list(sys.argv[1:] if argv is None else argv)
-    return "python -m hdn.experiments.toy_ablation " + " ".join(shlex.quote(a) for a in args)
+    return "python -m hdn.toy.experiments.toy_ablation " + " ".join(shlex.quote(a) for a in args)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:

@@ -11,7 +11,7 @@ each pixel of a prediction map ``p``:
 * :func:`make_loss`: SSI or HDN-DR/DP/DS by name, optionally with the prediction's median
   detached (the follow-up work's variant).
 * :func:`gradient_mass_by_region`, :func:`detail_regions`: where the gradient goes (near/far,
-  fine/smooth; :func:`hdn.explorer.depth_quantile_regions` gives depth quarters).
+  fine/smooth; :func:`hdn.workbook.explorer.depth_quantile_regions` gives depth quarters).
 * :func:`descend`, :func:`aligned_error`, :func:`aligned_error_map`, :class:`DescentExplorer`:
   gradient descent on the map itself (no network) and a widget to step through it.
 
@@ -27,11 +27,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import contexts as _contexts
-from ._validation import _as_bhw, check_depth_inputs, check_levels, single_image, stats_dtype
-from .data import blurred
-from .losses import contexts_loss
-from .segments import EPS
+from hdn import contexts as _contexts
+from hdn._core.segments import EPS
+from hdn._validation import _as_bhw, check_depth_inputs, check_levels, single_image, stats_dtype
+from hdn.data import blurred
+from hdn.losses import contexts_loss
 
 __all__ = [
     "LOSS_NAMES",
@@ -130,7 +130,7 @@ def ssi_gradient_parts(pred: Tensor, target: Tensor, mask: Tensor | None = None)
         \\frac{\\partial \\mathcal L}{\\partial t} = -\\sum_j \\frac{r_j}{d}
             - \\frac{\\partial \\mathcal L}{\\partial s}\\sum_j \\frac{\\operatorname{sign}(p_j - t)}{n + 1}.
 
-    Written independently of :mod:`hdn.segments` (one image at a time) so that each can check
+    Written independently of :mod:`hdn._core.segments` (one image at a time) so that each can check
     the other.
 
     Args:
@@ -326,7 +326,7 @@ def detail_regions(
 def gradient_mass_by_region(grad: Tensor, regions: Mapping[str, Tensor]) -> dict[str, float]:
     """Share of the gradient's total absolute mass ``sum_i |G_i|`` that falls in each region.
 
-    :func:`hdn.explorer.region_loss_share` applied to ``|G|`` (in float64).
+    :func:`hdn.workbook.explorer.region_loss_share` applied to ``|G|`` (in float64).
 
     Args:
         grad: gradient map, e.g. from :func:`loss_gradient`.
@@ -341,7 +341,7 @@ def gradient_mass_by_region(grad: Tensor, regions: Mapping[str, Tensor]) -> dict
         >>> gradient_mass_by_region(g, {"left": torch.tensor([[True, True, False, False]])})
         {'left': 0.5}
     """
-    from .explorer import region_loss_share
+    from hdn.workbook.explorer import region_loss_share
 
     return region_loss_share(grad.detach().abs().double(), regions)
 
@@ -568,7 +568,7 @@ class DescentExplorer:
         """
         from matplotlib.figure import Figure
 
-        from .plotting import show_map
+        from hdn.workbook.plotting import show_map
 
         self._check(loss, level)
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.steps:
@@ -608,7 +608,7 @@ class DescentExplorer:
         ``Output.append_display_data`` does), so no display message is sent to the notebook and
         the callback behaves the same in a kernel, under nbval and in plain Python.
         """
-        from .plotting import figure_png
+        from hdn.workbook.plotting import figure_png
 
         self.level.disabled = self.loss.value == "ssi"
         state = (self.loss.value, self.level.value, self.step.value)

@@ -26,11 +26,11 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from . import contexts as _contexts
-from ._validation import _as_bhw, check_depth_inputs, check_levels, single_image
-from .contexts import CONTEXT_NAMES, Contexts, from_labels
-from .normalization import context_normalize
-from .plotting import draw_grid, figure_png, grid_edges, show_map
+from hdn import contexts as _contexts
+from hdn._validation import _as_bhw, check_depth_inputs, check_levels, single_image
+from hdn.contexts import CONTEXT_NAMES, Contexts, from_labels
+from hdn.normalization import context_normalize
+from hdn.workbook.plotting import draw_grid, figure_png, grid_edges, show_map
 
 __all__ = [
     "CONTEXT_TITLES",

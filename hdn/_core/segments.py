@@ -17,7 +17,7 @@ histogram; depth-interval levels read their target medians straight off that ord
 
 :class:`HierarchicalSSI` is the autograd function behind :func:`hdn.contexts_loss` for
 contexts that are not nested partitions (overlapping DR bins, the random variants, label
-maps); DS, DR, DP and SSI run on :mod:`hdn.rows`, the same semantics on padded rows. Its
+maps); DS, DR, DP and SSI run on :mod:`hdn._core.rows`, the same semantics on padded rows. Its
 backward is written out analytically (the derivation is in notebook 04), so that only
 per-segment statistics are kept between forward and backward: memory grows with
 pixels x levels, not with the number of contexts.

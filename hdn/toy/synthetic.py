@@ -554,9 +554,9 @@ def load_split(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    """``python -m hdn.synthetic --out data/toy_rgbd.npz --train 256 --test 64 --size 64 --seed 0``."""
+    """``python -m hdn.toy.synthetic --out data/toy_rgbd.npz --train 256 --test 64 --size 64 --seed 0``."""
     parser = argparse.ArgumentParser(
-        prog="python -m hdn.synthetic", description="Write a synthetic RGB-D train/test split."
+        prog="python -m hdn.toy.synthetic", description="Write a synthetic RGB-D train/test split."
     )
     parser.add_argument("--out", required=True, help="output .npz path")
     parser.add_argument("--train", type=int, default=256, help="number of training scenes")

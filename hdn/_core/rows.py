@@ -1,7 +1,7 @@
 """The row core: nested partition levels laid out as padded rows, for the fixed hierarchies.
 
 DS grids, DR and DP bins and the whole image share a structure that the general segment
-core (:mod:`hdn.segments`) does not exploit: every level is a *partition* of the same
+core (:mod:`hdn._core.segments`) does not exploit: every level is a *partition* of the same
 member pixels, and each context of level ``l`` is the union of consecutive contexts of the
 finest level. A :class:`RowLayout` copies the batch once into a ``(S, C)`` array, one
 padded row per finest context (image-major; DS cells in quadtree order, DR/DP bins in
@@ -25,7 +25,7 @@ values on the same sides, since introselect slows down tenfold on rows made most
 repeated value. The target's median column is searched only when its gradient is wanted.
 
 :class:`RowHierarchicalSSI` is the loss (forward and an analytic backward, the same
-derivation as :func:`hdn.segments._normalization_backward`). Between forward and backward
+derivation as :func:`hdn._core.segments._normalization_backward`). Between forward and backward
 it keeps the laid-out prediction (and the target where its gradient is wanted), an int8
 sign per level and per-row statistics (the sums the backward needs of the signs, so that
 it passes over the rows twice per level): memory grows with pixels x levels, not with the
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .segments import EPS
+from hdn._core.segments import EPS
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_PID = 0

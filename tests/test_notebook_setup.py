@@ -1,0 +1,57 @@
+"""The notebooks' setup: the Colab cell names the repository of pyproject.toml, nothing else
+points outside the repository, and the package metadata a package index shows is complete."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _colab_cell(path: Path) -> str:
+    cells = json.loads(path.read_text())["cells"]
+    sources = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    return sources[0]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_colab_cell_installs_from_the_repository_named_in_pyproject(path):
+    source = _colab_cell(path)
+    assert "google.colab" in source, "the first code cell must be the Colab install cell"
+    found = re.findall(r'^REPOSITORY = "([^"]+)"$', source, flags=re.M)
+    assert found == [PROJECT["urls"]["Repository"]]
+    assert 'git+{REPOSITORY}' in source
+    # the URL appears once, as the constant: no second, drifting copy
+    assert source.count("https://") == 1
+
+
+def test_nothing_points_outside_the_repository():
+    tracked = [p for p in ROOT.rglob("*") if p.is_file() and ".git" not in p.parts
+               and ".venv" not in p.parts and p.suffix in (".md", ".py", ".ipynb", ".toml",
+                                                          ".cff", ".yml", ".cfg")]
+    offenders = [str(p.relative_to(ROOT)) for p in tracked if "../shared" in p.read_text()]
+    # this file names the pattern it looks for
+    assert offenders == [str(Path(__file__).relative_to(ROOT))]
+
+
+def test_package_index_metadata_is_complete():
+    assert PROJECT["license"] == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License")
+    assert PROJECT["authors"] and PROJECT["classifiers"]
+    assert {"Repository", "Documentation", "Issues"} <= set(PROJECT["urls"])
+
+
+def test_citation_cites_the_software_and_the_paper_with_its_six_authors():
+    text = (ROOT / "CITATION.cff").read_text()
+    assert text.startswith("cff-version: 1.2.0") and "type: software" in text
+    paper = text.split("preferred-citation:")[1]
+    names = re.findall(r"family-names: (\w+)\n\s+given-names: (\w+)", paper)
+    assert names == [("Zhang", "Chi"), ("Yin", "Wei"), ("Wang", "Zhibin"), ("Yu", "Gang"),
+                     ("Fu", "Bin"), ("Shen", "Chunhua")]
+    assert "Hierarchical Normalization for Robust Monocular Depth Estimation" in paper
