@@ -4,7 +4,7 @@ A :class:`Contexts` object describes, for a batch of ``B`` images of ``H x W`` p
 hierarchy of *levels*; each level assigns pixels to contexts (segment ids, see
 :class:`hdn._core.segments.ContextLevel`). The loss never asks what kind of contexts it got.
 
-Generators (SPEC sections 3 and 4):
+Generators (docs/semantics.md §3 and §4):
 
 * :func:`depth_range` (DR): level ``l`` splits the valid depth range into ``2**l`` equal
   bins, ``2**L - 1`` contexts in all.
@@ -645,7 +645,7 @@ class PairContexts(Contexts):
     """Overlapping contexts given as (pixel, segment) pairs, in one level.
 
     Used by the random variants: ``aggregation="pooled"`` and the prediction's median
-    without gradient, as in the follow-up work (SPEC section 4).
+    without gradient, as in the follow-up work (docs/semantics.md §4).
     """
 
     aggregation = "pooled"
@@ -686,7 +686,7 @@ def random_depth_intervals(
     min_width: float = 0.1,
     generator: torch.Generator | None = None,
 ) -> PairContexts:
-    """Random depth-interval contexts plus the whole image (follow-up work, SPEC section 4).
+    """Random depth-interval contexts plus the whole image (follow-up work, docs/semantics.md §4).
 
     For each image, ``num`` intervals ``[lo + (hi - lo) * a, lo + (hi - lo) * (a + w)]`` of
     the valid depth range ``[lo, hi]`` with ``w ~ U(min_width, 1)`` and ``a ~ U(0, 1 - w)``
@@ -737,7 +737,7 @@ def random_crops(
     max_size: float = 1 / 2,
     generator: torch.Generator | None = None,
 ) -> PairContexts:
-    """Random rectangular crops plus the whole image (follow-up work, SPEC section 4).
+    """Random rectangular crops plus the whole image (follow-up work, docs/semantics.md §4).
 
     Each crop has a height drawn uniformly from ``[ceil(min_size * H), floor(max_size * H)]``
     (at least 1) and likewise a width, at a uniform position inside the image. Losses are

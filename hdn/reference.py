@@ -1,4 +1,4 @@
-"""Slow, obvious reference implementations, written line by line from SPEC.md.
+"""Slow, obvious reference implementations, written line by line from docs/semantics.md.
 
 One boolean mask per context, one context and one image at a time, autograd for the
 gradients. They exist to check the fast code (tests) and to measure it against
@@ -19,7 +19,7 @@ def valid_mask(target: Tensor, mask: Tensor | None = None) -> Tensor:
 
 
 def normalize(x: Tensor, context: Tensor) -> Tensor:
-    """SPEC 1: ``(x - t) / (s + 1e-6)`` with ``t`` the lower median over the context and
+    """semantics §1: ``(x - t) / (s + 1e-6)`` with ``t`` the lower median over the context and
     ``s = sum |x - t| / (n + 1)``; ``x`` and ``context`` are ``(H, W)``."""
     values = x[context]
     n = values.numel()
@@ -32,7 +32,7 @@ def normalize(x: Tensor, context: Tensor) -> Tensor:
 
 
 def hierarchical_loss(pred: Tensor, target: Tensor, valid: Tensor, contexts: list[Tensor]) -> Tensor:
-    """SPEC 2: per-pixel mean over containing contexts, summed, over the valid count.
+    """semantics §2: per-pixel mean over containing contexts, summed, over the valid count.
 
     Args:
         pred, target: ``(B, H, W)``.
@@ -61,7 +61,7 @@ def hierarchical_loss(pred: Tensor, target: Tensor, valid: Tensor, contexts: lis
 
 
 def pooled_loss(pred: Tensor, target: Tensor, valid: Tensor, contexts: list[Tensor], detach_pred_median: bool = True) -> Tensor:
-    """SPEC 4: sum of all (context, pixel) losses over the number of pairs; optionally the
+    """semantics §4: sum of all (context, pixel) losses over the number of pairs; optionally the
     prediction's median without gradient."""
     B = pred.shape[0]
     zero = torch.zeros((), dtype=pred.dtype)
@@ -88,7 +88,7 @@ def pooled_loss(pred: Tensor, target: Tensor, valid: Tensor, contexts: list[Tens
 
 
 def dr_contexts(target: Tensor, valid: Tensor, levels: int) -> list[Tensor]:
-    """SPEC 3, DR: ``2**L - 1`` masks, level 0 first."""
+    """semantics §3, DR: ``2**L - 1`` masks, level 0 first."""
     B = target.shape[0]
     out = []
     for level in range(levels):
@@ -109,7 +109,7 @@ def dr_contexts(target: Tensor, valid: Tensor, levels: int) -> list[Tensor]:
 
 
 def dp_contexts(target: Tensor, valid: Tensor, levels: int) -> list[Tensor]:
-    """SPEC 3, DP: quantile bins with torch.nanquantile (linear interpolation)."""
+    """semantics §3, DP: quantile bins with torch.nanquantile (linear interpolation)."""
     B = target.shape[0]
     out = []
     for level in range(levels):
@@ -130,7 +130,7 @@ def dp_contexts(target: Tensor, valid: Tensor, levels: int) -> list[Tensor]:
 
 
 def ds_contexts(shape: tuple[int, int, int], levels: int) -> list[Tensor]:
-    """SPEC 3, DS: grid cells with Python ``int()`` truncation of the bounds."""
+    """semantics §3, DS: grid cells with Python ``int()`` truncation of the bounds."""
     B, H, W = shape
     out = []
     for level in range(levels):
@@ -167,7 +167,7 @@ def ssi_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor
 
 
 def gradient_matching_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None, scales: int = 4) -> Tensor:
-    """SPEC 6, pixel by pixel."""
+    """semantics §6, pixel by pixel."""
     valid = valid_mask(target, mask)
     B = pred.shape[0]
     zero = torch.zeros((), dtype=pred.dtype)

@@ -245,7 +245,7 @@ def test_batch_without_valid_pixels_gives_zero_loss_and_zero_gradient(name):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("context", ["dr", "dp"])
 def test_constant_depth_is_in_no_depth_bin_and_gives_zero_loss(context, dtype):
-    # Every pixel equals the maximum: in no DR/DP bin (SPEC 3), loss 0, finite gradient.
+    # Every pixel equals the maximum: in no DR/DP bin (docs/semantics.md §3), loss 0, finite gradient.
     pred, _ = _inputs(dtype=dtype)
     target = torch.full_like(pred, 3.0)
     p = pred.clone().requires_grad_(True)

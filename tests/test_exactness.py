@@ -1,4 +1,4 @@
-"""The loss core reproduces SPEC.md exactly: hdn against the slow reference (hdn.reference).
+"""The loss core reproduces docs/semantics.md exactly: hdn against the slow reference (hdn.reference).
 
 Every comparison is in float64, values and gradients within 1e-6 relative (gradients with
 an absolute floor of 1e-6 times the largest reference gradient). The reference builds one
@@ -178,7 +178,7 @@ def test_hdn_loss_matches_reference_on_a_constant_target(context, levels):
     target = torch.full(shape, 2.5, dtype=F64)
     loss = _check_hdn(pred, target, None, context, levels, target_ties=True)
     if context in ("dr", "dp"):
-        assert loss == 0  # every pixel equals the maximum: in no bin (SPEC 3 quirk)
+        assert loss == 0  # every pixel equals the maximum: in no bin (docs/semantics.md §3 quirk)
 
 
 @pytest.mark.parametrize("levels", LEVELS)
@@ -267,7 +267,7 @@ def test_ds_with_one_level_equals_ssi_loss():
 
 @pytest.mark.parametrize("context", ["dr", "dp"])
 def test_dr_and_dp_with_one_level_are_ssi_loss_without_the_maximum_pixel(context):
-    """SPEC 3: level 0 of DR/DP is the bin [lo, hi) (plus 1e-30), so the pixels at the
+    """semantics §3: level 0 of DR/DP is the bin [lo, hi) (plus 1e-30), so the pixels at the
     image's maximum depth are in no context, yet count in the denominator. Hence
     HDN(L=1) = SSI over the other pixels, times (valid - at_max) / valid, and equals
     ssi_loss only up to that quirk. (Depths in [1, 2] so that lo + (hi - lo) == hi exactly.)"""
@@ -287,7 +287,7 @@ def test_dr_and_dp_with_one_level_are_ssi_loss_without_the_maximum_pixel(context
     assert not torch.isclose(got[0], ssi, rtol=1e-3)
 
 
-# --- SPEC quirks and counts -------------------------------------------------------------
+# --- Released quirks and counts -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -403,7 +403,7 @@ def test_context_masks_match_reference_masks(context, levels, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_dr_pixel_on_a_bin_edge_at_zero_is_in_both_adjacent_bins(dtype):
-    """SPEC 3: bin i is lo + (hi-lo)*i*w <= g < lo + (hi-lo)*(i+1)*w + 1e-30. When an edge
+    """semantics §3: bin i is lo + (hi-lo)*i*w <= g < lo + (hi-lo)*(i+1)*w + 1e-30. When an edge
     is exactly 0 (a signed target such as centred log-depth), the 1e-30 survives and the
     two bins overlap: the pixel at 0 belongs to both."""
     target = torch.tensor([[[-1.0, -0.6, -0.3, 0.0, 0.2, 0.5, 0.7, 1.0]]], dtype=dtype)
@@ -431,7 +431,7 @@ def test_hdn_loss_matches_reference_on_signed_targets_with_bin_edges_at_zero(con
     _check_hdn(pred, target, None, context, levels, target_ties=True)
 
 
-# --- random-context variants (SPEC 4) ----------------------------------------------------
+# --- random-context variants (docs/semantics.md §4) ----------------------------------------------------
 
 
 def _crop_masks(boxes, valid):

@@ -203,7 +203,7 @@ def test_general_core_takes_overlapping_pooled_detached_and_non_finite_cases():
     def core(loss):
         return type(loss.grad_fn).__name__
 
-    overlapping = torch.tensor([[[[-1.0, 0.0, 0.0, 1.0]]]])  # DR edge at exactly 0 (SPEC 3 quirk)
+    overlapping = torch.tensor([[[[-1.0, 0.0, 0.0, 1.0]]]])  # DR edge at exactly 0 (docs/semantics.md §3 quirk)
     ctx = C.depth_range(overlapping, levels=2)
     assert ctx.overlapping
     assert core(hdn.contexts_loss(torch.rand(1, 1, 1, 4, requires_grad=True), overlapping, None, ctx)) == "HierarchicalSSIBackward"

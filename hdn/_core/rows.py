@@ -111,7 +111,7 @@ def _quadtree_order(cells: int) -> list[int]:
 
 
 def _cell_axis(size: int, cells: int) -> tuple[list[int], list[bool], list[int], int]:
-    """Padded positions along one axis: SPEC's bounds ``int(i * w * size)``, ``w = 1 / cells``.
+    """Padded positions along one axis: the bounds of docs/semantics.md §3 ``int(i * w * size)``, ``w = 1 / cells``.
 
     Returns the source index of every padded position (padding repeats the cell's last
     pixel), whether it is real, the padded position of every source index, and the padded
@@ -133,7 +133,7 @@ def _cell_axis(size: int, cells: int) -> tuple[list[int], list[bool], list[int],
 class GridLayout(RowLayout):
     """DS grids (and the whole image, ``levels = 1``): one row per finest cell.
 
-    Finest cells are padded to the longest cell along each axis (SPEC's truncated bounds
+    Finest cells are padded to the longest cell along each axis (the truncated bounds of docs/semantics.md §3
     make cells differ by at most one pixel per axis) and ordered as a quadtree, so a cell
     of level ``l`` is ``4**(L-1-l)`` consecutive rows. For image sizes divisible by
     ``2**(L-1)`` the layout is a pure permutation (no padding); for ``L = 1`` a view.

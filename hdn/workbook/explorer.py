@@ -6,9 +6,9 @@ notebooks need the per-pixel terms it sums:
 .. math:: \\ell_i = \\frac{1}{|\\mathcal C_i|}\\sum_{C \\in \\mathcal C_i}\\left|\\hat p^C_i - \\hat g^C_i\\right|,
           \\qquad \\mathcal L = \\frac{1}{N_v}\\sum_i \\ell_i
 
-(``mean`` aggregation, SPEC section 2), computed here level by level with
-:func:`hdn.context_normalize`. For the random variants (``pooled`` aggregation, SPEC section
-4) the map is rescaled so that the same identity, ``map.sum() / N_v == loss``, holds.
+(``mean`` aggregation, docs/semantics.md §2), computed here level by level with
+:func:`hdn.context_normalize`. For the random variants (``pooled`` aggregation,
+docs/semantics.md §4) the map is rescaled so that the same identity, ``map.sum() / N_v == loss``, holds.
 
 The explorers (:class:`ContextExplorer`, :class:`GridExplorer`) are ipywidgets front ends
 over a pure :meth:`~ContextExplorer.render` that returns a matplotlib figure, so that the

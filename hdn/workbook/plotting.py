@@ -234,7 +234,7 @@ def show_contexts(
 def grid_edges(size: int, level: int) -> list[int]:
     """Start index of every DS cell along one side of ``size`` pixels at ``level``.
 
-    Uses the SPEC rule ``int(i * w * size)`` with ``w = 2**-level``.
+    Uses the rule of docs/semantics.md §3, ``int(i * w * size)`` with ``w = 2**-level``.
 
     Examples:
         >>> grid_edges(371, 2)
