@@ -34,13 +34,13 @@ REFERENCE = re.compile(
 
 def _prose(markdown: str) -> str:
     """Markdown without math, code spans, link targets and HTML tags."""
-    markdown = re.sub(r"\$\$.*?\$\$", " ", markdown, flags=re.S)
+    markdown = re.sub(r"\$\$.*?\$\$", " ", markdown, flags=re.DOTALL)
     markdown = re.sub(r"\$[^$\n]*\$", " ", markdown)
-    markdown = re.sub(r"```.*?```", " ", markdown, flags=re.S)
+    markdown = re.sub(r"```.*?```", " ", markdown, flags=re.DOTALL)
     markdown = re.sub(r"`[^`\n]*`", " ", markdown)
     markdown = re.sub(r"\]\([^)]*\)", "]", markdown)
     markdown = re.sub(r"<[^>]+>", " ", markdown)
-    markdown = re.sub(r"^(#+\s*)[\d.]+", r"\1", markdown, flags=re.M)  # "### 3.2 Title"
+    markdown = re.sub(r"^(#+\s*)[\d.]+", r"\1", markdown, flags=re.MULTILINE)  # "### 3.2 Title"
     return markdown
 
 

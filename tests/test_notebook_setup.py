@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -25,7 +25,7 @@ def _colab_cell(path: Path) -> str:
 def test_colab_cell_installs_from_the_repository_named_in_pyproject(path):
     source = _colab_cell(path)
     assert "google.colab" in source, "the first code cell must be the Colab install cell"
-    found = re.findall(r'^REPOSITORY = "([^"]+)"$', source, flags=re.M)
+    found = re.findall(r'^REPOSITORY = "([^"]+)"$', source, flags=re.MULTILINE)
     assert found == [PROJECT["urls"]["Repository"]]
     assert 'git+{REPOSITORY}' in source
     # the URL appears once, as the constant: no second, drifting copy
