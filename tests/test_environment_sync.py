@@ -19,7 +19,7 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 
 # conda-forge names that differ from the name pip installs.
-_CONDA_TO_PIP = {"pytorch": "torch"}
+_CONDA_TO_PIP = {"pytorch": "torch", "python-build": "build"}
 # Entries of environment.yml that are tools, not packages of pyproject.toml.
 _CONDA_ONLY = {"python", "pip"}
 
