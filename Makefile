@@ -3,6 +3,8 @@
 #   make test    create .venv if missing, install, run the whole test suite (tests + notebooks)
 #   make lab     create .venv if missing, install, open JupyterLab on notebooks/
 #   make bench   create .venv if missing, install, run the speed benchmark (python -m hdn.bench)
+#   make test-outside-clone   build the wheel, install it into a fresh venv outside the repository,
+#                run the notebooks alone there (strict nbval, generic CPU kernels, one thread)
 #   make clean   remove build outputs and caches (keeps .venv; `rm -rf .venv` removes that too)
 #
 # PyTorch is installed first, from $(TORCH). The default names the release that this
@@ -22,7 +24,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := test
-.PHONY: test lab bench clean
+.PHONY: test lab bench clean test-outside-clone
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
@@ -32,6 +34,9 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) -m hdn.bench
+
+test-outside-clone: $(STAMP)
+	PYTHON="$(PYTHON)" TORCH="$(TORCH)" bash .ci/outside_clone.sh
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)

@@ -14,6 +14,8 @@ python="${PYTHON:-python3}"
 torch_spec="${TORCH:-torch==2.13.0}"
 work="$(mktemp -d "${TMPDIR:-/tmp}/hdn-outside-clone.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
+# pip's notes about local index folders that this machine lacks are noise; its errors stay
+quiet() { "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
 
 echo "== building the wheel"
 "$repo/.venv/bin/python" -m build --wheel --outdir "$work/dist" "$repo" >"$work/build.log" 2>&1 \
@@ -24,8 +26,8 @@ echo "   $(basename "$wheel")"
 echo "== fresh virtual environment outside the repository"
 "$python" -m venv "$work/venv"
 # shellcheck disable=SC2086
-"$work/venv/bin/python" -m pip install --quiet $torch_spec
-"$work/venv/bin/python" -m pip install --quiet "$wheel" nbval ipykernel
+quiet "$work/venv/bin/python" -m pip install --quiet $torch_spec
+quiet "$work/venv/bin/python" -m pip install --quiet "$wheel" nbval ipykernel
 
 echo "== the notebooks alone, in an empty folder"
 mkdir "$work/run"
