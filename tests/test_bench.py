@@ -6,19 +6,76 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+import torch
 
-def test_benchmark_prints_time_memory_and_ratios_for_every_loss():
+from hdn.bench import SCENES, nanmedian_ssi_loss, scene_target
+
+
+def _tables(out: str) -> dict[str, dict[str, list[str]]]:
+    """Rows of each scene's table: {scene: {loss: fields}}."""
+    tables: dict[str, dict[str, list[str]]] = {}
+    scene = None
+    for line in out.splitlines():
+        if line.startswith("== cpu, scene"):
+            scene = line.split("'")[1]
+            tables[scene] = {}
+        elif scene and line.split()[:1] in (["ssi"], ["dr"], ["dp"], ["ds"]):
+            tables[scene][line.split()[0]] = line.split()[1:]
+    return tables
+
+
+def test_benchmark_prints_time_memory_and_ratios_for_every_loss_and_scene():
     cmd = [
         sys.executable, "-m", "hdn.bench", "--batch", "1", "--size", "32", "--levels", "3",
         "--rounds", "1", "--repeats", "1", "--threads", "1", "--skip-large",
+        "--scenes", "ramp", "lidar",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["ssi"], ["dr"], ["dp"], ["ds"])}
-    assert set(rows) == {"ssi", "dr", "dp", "ds"}
-    for fields in rows.values():
-        hdn_ms, ref_ms, speedup, hdn_mib, ref_mib, mem_ratio, x_ssi = map(float, fields)
-        assert hdn_ms > 0 and ref_ms > 0 and hdn_mib >= 0 and ref_mib >= 0 and x_ssi > 0
-        assert abs(speedup - ref_ms / hdn_ms) <= 0.05 * speedup + 0.1  # (printed rounded)
-        assert abs(mem_ratio - ref_mib / max(hdn_mib, 2**-20)) <= 0.05 * mem_ratio + 0.1 or hdn_mib < 0.1
-    assert rows["ssi"][-1] == "1.00"  # ssi_loss against itself
+    tables = _tables(out)
+    assert set(tables) == {"ramp", "lidar"}
+    for rows in tables.values():
+        assert set(rows) == {"ssi", "dr", "dp", "ds"}
+        for fields in rows.values():
+            hdn_ms, ref_ms, speedup, hdn_mib, ref_mib, mem_ratio, x_ssi, mem_x_ssi, torch_ms, ratio = map(
+                float, fields)
+            assert hdn_ms > 0 and ref_ms > 0 and hdn_mib >= 0 and ref_mib >= 0 and x_ssi > 0
+            assert mem_x_ssi >= 0
+            assert abs(speedup - ref_ms / hdn_ms) <= 0.05 * speedup + 0.1  # (printed rounded)
+            assert abs(mem_ratio - ref_mib / max(hdn_mib, 2**-20)) <= 0.05 * mem_ratio + 0.1 or hdn_mib < 0.1
+            assert torch_ms > 0 and abs(ratio - torch_ms / hdn_ms) <= 0.05 * ratio + 0.1
+        assert rows["ssi"][6] == "1.00"  # ssi_loss against itself
+    assert out.count("against the torch.nanmedian version") == 2
     assert "interleaved rounds" in out
+
+
+def test_benchmark_scaling_and_counts_tables():
+    cmd = [
+        sys.executable, "-m", "hdn.bench", "--levels", "2", "--repeats", "1", "--threads", "1",
+        "--skip-large", "--scenes", "ramp", "--batch", "1", "--size", "16", "--rounds", "1",
+        "--scaling", "--counts",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900).stdout
+    scaling = [line.split() for line in out.splitlines() if line.split()[:1] in (["pixels"], ["levels"], ["batch"])]
+    assert [r[0] for r in scaling] == ["pixels"] * 4 + ["levels"] * 6 + ["batch"] * 5
+    assert [int(r[1]) for r in scaling[:4]] == [128, 256, 512, 1024]
+    counts = [line.split() for line in out.splitlines()
+              if line.split()[:1] in (["ssi"], ["dr"], ["dp"], ["ds"]) and len(line.split()) == 4]
+    assert {(c[0], int(c[1])) for c in counts} >= {("ssi", 1), ("dr", 6), ("ds", 6)}
+    assert all(int(c[2]) >= 0 and int(c[3]) > 0 for c in counts)
+
+
+@pytest.mark.parametrize("scene", SCENES)
+def test_scene_targets_are_deterministic_and_have_valid_pixels(scene):
+    a, b = scene_target(scene, 2, 48), scene_target(scene, 2, 48)
+    assert a.shape == (2, 1, 48, 48) and torch.equal(a.isfinite(), b.isfinite())
+    assert torch.equal(a.nan_to_num(0), b.nan_to_num(0))
+    assert bool(a.isfinite().any(dim=(1, 2, 3)).all()) and bool((a[a.isfinite()] > 0).all())
+
+
+def test_nanmedian_ssi_matches_hdn_on_sparse_targets():
+    import hdn
+
+    g = scene_target("lidar", 3, 40)
+    p = torch.rand(g.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.allclose(nanmedian_ssi_loss(p, g.double()), hdn.ssi_loss(p, g.double()), atol=1e-9)
