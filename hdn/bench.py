@@ -244,6 +244,7 @@ def _run_worker(impl: str, case: str, cfg: argparse.Namespace, what: str) -> dic
         "--device", cfg.device, "--dtype", cfg.dtype, "--threads", str(cfg.threads),
         "--repeats", str(cfg.repeats), "--rounds", str(cfg.rounds), "--what", what,
         "--scene", getattr(cfg, "scene", "ramp"),
+        "--scaling-sizes", *map(str, cfg.scaling_sizes),
     ]
     env = dict(os.environ)
     if what == "memory":
@@ -305,12 +306,16 @@ def _table(cfg: argparse.Namespace) -> dict:
 def _scaling_worker(args: argparse.Namespace, step) -> None:
     """Times of the hdn losses against pixels, levels and batch, as JSON rows."""
     rows = []
-    grid = [("pixels", s, args.levels, 2) for s in (128, 256, 512, 1024)]
-    grid += [("levels", 256, L, 4) for L in range(1, 7)]
-    grid += [("batch", 256, args.levels, b) for b in (1, 2, 4, 8, 16)]
+    sizes = args.scaling_sizes
+    base = sizes[len(sizes) // 2 - 1] if len(sizes) > 1 else sizes[0]
+    grid = [("pixels", s, args.levels, 2) for s in sizes]
+    grid += [("levels", base, L, 4) for L in range(1, 7)]
+    grid += [("batch", base, args.levels, b) for b in (1, 2, 4, 8, 16)]
     for axis, size, levels, batch in grid:
         pred0, target = _make_inputs(batch, size, args.device, getattr(torch, args.dtype), scene=args.scene)
         for case in CASES:
+            if case == "ds" and 2 ** (levels - 1) > size:
+                continue  # a grid finer than the image
             fn = _loss_fn("hdn", case, levels)
 
             def call(fn=fn, pred0=pred0, target=target):
@@ -367,8 +372,9 @@ def _scaling(cfg: argparse.Namespace) -> None:
                if (r["axis"], r["size"], r["levels"], r["batch"]) == (axis, size, levels, batch)}
         pixel_levels = {c: batch * size * size * (1 if c == "ssi" else levels) / 1e6 for c in CASES}
         print(f"{axis:<7} {size:>5} {levels:>2} {batch:>3}"
-              + "".join(f" {got[c] * 1e3:9.1f}" for c in CASES)
-              + "".join(f" {got[c] * 1e3 / pixel_levels[c]:11.1f}" for c in CASES))
+              + "".join(f" {got[c] * 1e3:9.1f}" if c in got else f" {'-':>9}" for c in CASES)
+              + "".join(f" {got[c] * 1e3 / pixel_levels[c]:11.1f}" if c in got else f" {'-':>11}"
+                        for c in CASES))
     print("(ms/Mpl: milliseconds per million pixel-levels, B x H x W x L; SSI counts L = 1)")
 
 
@@ -432,6 +438,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="scenes to time (default: all)")
     parser.add_argument("--scaling", action="store_true",
                         help="also time against pixels, levels and batch size")
+    parser.add_argument("--scaling-sizes", nargs="+", type=int, default=[128, 256, 512, 1024],
+                        help="image sides of the pixel-count scaling (the levels and batch "
+                        "scaling use the second smallest)")
     parser.add_argument("--counts", action="store_true",
                         help="also count host synchronisations and ATen operations per call")
     args = parser.parse_args(argv)

@@ -53,12 +53,13 @@ def test_benchmark_scaling_and_counts_tables():
     cmd = [
         sys.executable, "-m", "hdn.bench", "--levels", "2", "--repeats", "1", "--threads", "1",
         "--skip-large", "--scenes", "ramp", "--batch", "1", "--size", "16", "--rounds", "1",
-        "--scaling", "--counts",
+        "--scaling", "--scaling-sizes", "16", "24", "32", "--counts",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900).stdout
     scaling = [line.split() for line in out.splitlines() if line.split()[:1] in (["pixels"], ["levels"], ["batch"])]
-    assert [r[0] for r in scaling] == ["pixels"] * 4 + ["levels"] * 6 + ["batch"] * 5
-    assert [int(r[1]) for r in scaling[:4]] == [128, 256, 512, 1024]
+    assert [r[0] for r in scaling] == ["pixels"] * 3 + ["levels"] * 6 + ["batch"] * 5
+    assert [int(r[1]) for r in scaling[:3]] == [16, 24, 32]
+    assert {int(r[1]) for r in scaling[3:]} == {16}
     counts = [line.split() for line in out.splitlines()
               if line.split()[:1] in (["ssi"], ["dr"], ["dp"], ["ds"]) and len(line.split()) == 4]
     assert {(c[0], int(c[1])) for c in counts} >= {("ssi", 1), ("dr", 6), ("ds", 6)}
