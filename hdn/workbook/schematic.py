@@ -105,7 +105,7 @@ def hdn_schematic(
         ]
         for lvl in range(levels)
     ]
-    fig = Figure(figsize=(17, 2.4 * levels + 0.4), layout="constrained")
+    fig = Figure(figsize=(15, 2.2 * levels + 0.4), layout="constrained")
     axes = fig.subplot_mosaic(mosaic, width_ratios=[1.0, 1.15, 1.0, 1.0, 1.0])
     show_map(axes["gt"], g[0], valid=v[0], title="ground truth $g$")
     for lvl in range(levels):
@@ -347,5 +347,5 @@ def profile_figure(profile: DepthProfile, normalised: ProfileNormalisations) -> 
         xlabel="column (px)",
         ylabel="normalised depth (no unit)",
     )
-    c.legend(loc="lower right", fontsize=7)
+    c.legend(loc="upper left", fontsize=7)
     return fig
