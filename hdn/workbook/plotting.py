@@ -214,6 +214,10 @@ def show_contexts(
 ) -> AxesImage:
     """Draw a context-index map (``level_ids``): one colour per context, :data:`NONE_COLOR` for -1.
 
+    For label contexts (superpixels, segments), whose indices carry no order. DR and DP bins
+    are drawn with their depth intervals by :func:`show_depth_bins`, DS cells as a grid over
+    the depth map by :func:`show_grid_contexts`.
+
     Args:
         ax: the axes.
         ids: ``(H, W)`` integer map, ``-1`` where a pixel is in no context.
