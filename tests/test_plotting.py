@@ -12,15 +12,20 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from hdn.contexts import spatial_grid
+from hdn.contexts import depth_percentile, depth_range, spatial_grid
 from hdn.workbook.plotting import (
     DEPTH_CMAP,
+    INVALID_COLOR,
     LOSS_CMAP,
     NORMALIZED_CMAP,
+    bin_colours,
     draw_grid,
     figure_png,
     grid_edges,
+    show_bin_histogram,
     show_contexts,
+    show_depth_bins,
+    show_grid_contexts,
     show_map,
     use_workbook_style,
 )
@@ -94,3 +99,96 @@ def test_workbook_style_sets_a_small_dpi_and_figure_png_returns_png_bytes():
         fig.subplots().imshow(np.zeros((4, 4)))
         png = figure_png(fig)
     assert png.startswith(b"\x89PNG")
+
+
+def _motorcycle_like_depths():
+    # two crowded near layers and a sparse far one, with one pixel without ground truth
+    depth = torch.tensor([[2.0, 2.1, 2.2, 2.3], [2.4, 2.5, 4.0, 5.0], [2.05, 2.15, float("nan"), 3.0]])
+    return depth[None], torch.isfinite(depth)[None]
+
+
+def test_bin_colours_follow_depth_order_and_reject_bad_counts():
+    colours = bin_colours(4)
+    viridis = mpl.colormaps[DEPTH_CMAP]
+    assert colours == [tuple(viridis(x)) for x in (0.125, 0.375, 0.625, 0.875)]
+    with pytest.raises(ValueError, match="Invalid count"):
+        bin_colours(0)
+
+
+def test_show_depth_bins_labels_the_colorbar_with_the_bin_edges_in_metres():
+    depth, valid = _motorcycle_like_depths()
+    ctx = depth_range(depth, valid, levels=2)
+    fig = Figure()
+    im = show_depth_bins(fig.subplots(), ctx, 1, title="DR level 1")
+    colorbar = fig.axes[-1]
+    assert colorbar.get_ylabel() == "depth bin (m)"
+    assert [t.get_text() for t in colorbar.get_yticklabels()] == ["2.00", "3.50", "5.00"]
+    # the segments are the bins' depth intervals, to scale
+    assert colorbar.get_ylim() == pytest.approx((2.0, 5.0))
+    # bin index per pixel; the NaN pixel and the maximum-depth pixel are in no bin (grey)
+    ids = im.get_array()
+    assert ids.mask.sum() == 2 and ids[0, 0] == 0 and ids[1, 2] == 1
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["no ground truth / no bin"]
+    assert im.cmap.get_bad().tolist() == list(mpl.colors.to_rgba(INVALID_COLOR))
+
+
+def test_show_depth_bins_shows_dp_bins_narrow_where_the_pixels_crowd():
+    depth, valid = _motorcycle_like_depths()
+    ctx = depth_percentile(depth, valid, levels=3)
+    fig = Figure()
+    show_depth_bins(fig.subplots(), ctx, 2, title="DP level 2", legend=False)
+    edges = torch.cat([ctx.lower[2][0], ctx.upper[2][0, -1:]]).tolist()
+    colorbar = fig.axes[-1]._colorbar  # the colorbar of the bins (matplotlib keeps it on its axes)
+    assert colorbar.norm.boundaries.tolist() == pytest.approx(edges)
+    widths = torch.tensor(edges).diff()
+    assert widths[0] < widths[-1] / 3  # the crowded near bins are drawn narrow
+    ticks = fig.axes[-1].get_yticks().tolist()
+    assert ticks[0] == pytest.approx(edges[0]) and ticks[-1] == pytest.approx(edges[-1])
+    assert all(min(abs(t - e) for e in edges) < 1e-9 for t in ticks)
+    assert fig.axes[0].get_legend() is None
+
+
+def test_show_depth_bins_rejects_contexts_without_bin_edges_and_bad_levels():
+    depth, valid = _motorcycle_like_depths()
+    fig = Figure()
+    with pytest.raises(ValueError, match="Invalid contexts"):
+        show_depth_bins(fig.subplots(), spatial_grid(depth, valid, levels=2), 1, title="DS")
+    with pytest.raises(ValueError, match="Invalid level"):
+        show_depth_bins(fig.subplots(), depth_range(depth, valid, levels=2), 2, title="DR")
+
+
+def test_show_depth_bins_falls_back_to_equal_segments_when_a_bin_is_empty():
+    # DP edges repeat when many pixels share one depth
+    depth = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 3.0]])[None]
+    ctx = depth_percentile(depth, levels=3)
+    edges = torch.cat([ctx.lower[2][0], ctx.upper[2][0, -1:]])
+    assert (edges.diff() == 0).any()
+    fig = Figure()
+    show_depth_bins(fig.subplots(), ctx, 2, title="DP")
+    labels = [t.get_text() for t in fig.axes[-1].get_yticklabels()]
+    assert labels[0] == "1.00" and labels[-1] == "3.00"
+
+
+def test_show_bin_histogram_colours_bars_by_bin_and_dashes_the_edges():
+    depth, valid = _motorcycle_like_depths()
+    ctx = depth_range(depth, valid, levels=2)
+    fig = Figure()
+    ax = fig.subplots()
+    show_bin_histogram(ax, depth[0], ctx, 1, valid=valid[0], title="histogram", bars=6)
+    assert len(ax.patches) == 6 and sum(p.get_height() for p in ax.patches) == 11
+    first, last = bin_colours(2)
+    assert tuple(ax.patches[0].get_facecolor()) == pytest.approx(first)
+    assert tuple(ax.patches[-1].get_facecolor()) == pytest.approx(last)
+    assert [line.get_xdata()[0] for line in ax.lines] == pytest.approx([2.0, 3.5, 5.0])
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("depth (m)", "pixels")
+
+
+def test_show_grid_contexts_draws_the_ds_cells_over_the_depth_map():
+    fig = Figure()
+    ax = fig.subplots()
+    im = show_grid_contexts(ax, torch.rand(25, 37) + 1, 2, title="DS level 2")
+    assert len(ax.lines) == 6 and _colorbar_label(fig) == "depth (m)"
+    assert [line.get_ydata()[0] + 0.5 for line in ax.lines[:3]] == grid_edges(25, 2)[1:]
+    assert im.get_array().shape == (25, 37)
+    with pytest.raises(ValueError, match="Invalid level"):
+        show_grid_contexts(ax, torch.rand(4, 4), -1, title="?")

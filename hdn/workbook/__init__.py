@@ -1,6 +1,11 @@
 """Teaching helpers of the workbook's notebooks: figures, explorers and gradient analysis.
 
-- :mod:`hdn.workbook.plotting`: the workbook's figure conventions (colour maps, invalid pixels).
+- :mod:`hdn.workbook.plotting`: the workbook's figure conventions (colour maps, invalid pixels,
+  DR / DP bins with their depth intervals, DS grids over the depth map).
+- :mod:`hdn.workbook.schematic`: the method figures (HDN as a pipeline; a near context
+  keeping the relief of a depth profile) of notebook 02.
+- :mod:`hdn.workbook.tables`: the SSI statistics written out, per-pixel loss weights and
+  their change, region-share tables (notebooks 01-02).
 - :mod:`hdn.workbook.explorer`: per-pixel loss maps, region shares and the context explorer
   widget (notebooks 01-03).
 - :mod:`hdn.workbook.gradients`: gradient maps and descent on a depth map (notebook 04).

@@ -8,7 +8,11 @@ Conventions:
 * depth in metres: :data:`DEPTH_CMAP`, colorbar "depth (m)";
 * normalised depth ``x_hat`` (no unit): :data:`NORMALIZED_CMAP`, centred on 0;
 * per-pixel loss ``|p_hat - g_hat|`` (no unit): :data:`LOSS_CMAP`, from 0;
-* context labels: :data:`CONTEXT_CMAP`, pixels in no context in :data:`NONE_COLOR`.
+* context labels: :data:`CONTEXT_CMAP`, pixels in no context in :data:`NONE_COLOR`;
+* DR / DP bins: :func:`show_depth_bins`, one colour per bin in depth order (:func:`bin_colours`),
+  a colorbar whose segments are the bins' depth intervals in metres; :func:`show_bin_histogram`
+  the same bins as a histogram of the depths with the bin edges;
+* DS cells: :func:`show_grid_contexts`, the cell boundaries drawn over the depth map.
 
 Invalid pixels (``valid`` False, no ground truth) and pixels outside the shown context are drawn
 in one grey, :data:`INVALID_COLOR`, in every kind of map, with a legend entry "no ground truth".
@@ -24,7 +28,7 @@ import matplotlib as mpl
 import numpy as np
 import torch
 from matplotlib.axes import Axes
-from matplotlib.colors import ListedColormap
+from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.patches import Patch
@@ -39,10 +43,14 @@ __all__ = [
     "NONE_COLOR",
     "NORMALIZED_CMAP",
     "add_invalid_legend",
+    "bin_colours",
     "draw_grid",
     "figure_png",
     "grid_edges",
+    "show_bin_histogram",
     "show_contexts",
+    "show_depth_bins",
+    "show_grid_contexts",
     "show_map",
     "use_workbook_style",
 ]
@@ -206,6 +214,10 @@ def show_contexts(
 ) -> AxesImage:
     """Draw a context-index map (``level_ids``): one colour per context, :data:`NONE_COLOR` for -1.
 
+    For label contexts (superpixels, segments), whose indices carry no order. DR and DP bins
+    are drawn with their depth intervals by :func:`show_depth_bins`, DS cells as a grid over
+    the depth map by :func:`show_grid_contexts`.
+
     Args:
         ax: the axes.
         ids: ``(H, W)`` integer map, ``-1`` where a pixel is in no context.
@@ -251,6 +263,243 @@ def draw_grid(ax: Axes, height: int, width: int, level: int, **line_kw) -> None:
         ax.axhline(r - 0.5, **style)
     for c in grid_edges(width, level)[1:]:
         ax.axvline(c - 0.5, **style)
+
+
+def bin_colours(count: int, cmap: str = DEPTH_CMAP) -> list[tuple[float, float, float, float]]:
+    """``count`` colours for depth bins, nearest bin first, evenly spread over ``cmap``.
+
+    Colours follow the bin index, not the bin's depth, so that neighbouring bins stay
+    distinguishable where bins are narrow (DP in a crowded depth range); their order is the
+    depth order, as in a depth map.
+
+    Examples:
+        >>> len(bin_colours(8)), bin_colours(1)[0] == bin_colours(3)[1]
+        (8, True)
+    """
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"Invalid count: we expect an integer >= 1. Got: {count!r}.")
+    colours = mpl.colormaps[cmap]
+    return [tuple(colours(x)) for x in (np.arange(count) + 0.5) / count]
+
+
+def _bin_edges(contexts, level: int, image: int) -> np.ndarray:
+    """The ``2**level + 1`` edges (lower edges, then the last upper edge) of one image's bins."""
+    lower, upper = getattr(contexts, "lower", None), getattr(contexts, "upper", None)
+    if lower is None or upper is None:
+        raise ValueError(
+            "Invalid contexts: we expect depth-interval contexts with bin edges (DR or DP, "
+            f"hdn.contexts.depth_range / depth_percentile). Got: {type(contexts).__name__}."
+        )
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or not 0 <= level < len(lower):
+        raise ValueError(f"Invalid level: we expect 0 <= level < {len(lower)}. Got: {level!r}.")
+    if not 0 <= image < lower[level].shape[0]:
+        raise ValueError(f"Invalid image: we expect 0 <= image < {lower[level].shape[0]}. Got: {image!r}.")
+    lo, hi = _numpy(lower[level][image]), _numpy(upper[level][image])
+    return np.concatenate([lo, hi[-1:]]).astype(np.float64)
+
+
+def _edge_label(edge: float, unit: str) -> str:
+    return f"{edge:.2f}" if unit else f"{edge:.3g}"
+
+
+def show_depth_bins(
+    ax: Axes,
+    contexts,
+    level: int,
+    *,
+    title: str,
+    image: int = 0,
+    cmap: str = DEPTH_CMAP,
+    unit: str = "m",
+    colorbar: bool = True,
+    legend: bool = True,
+) -> AxesImage:
+    """Draw the DR or DP bins of one level, each in its colour, with their depth intervals.
+
+    The colorbar is the depth axis cut at the bin edges: each segment is one bin's
+    interval ``[lower, upper)`` in metres, drawn to scale, so equal-width DR bins give equal
+    segments and DP bins narrow ones where the pixels crowd. Its ticks are the bin edges
+    (inner edges closer than about a tenth of the range to a labelled one go unlabelled). Pixels in no bin
+    (no ground truth, or the maximum-depth pixel that the released bins leave out) are grey
+    (:data:`INVALID_COLOR`), with the legend entry "no ground truth / no bin".
+
+    Args:
+        ax: the axes.
+        contexts: :class:`~hdn.contexts.IntervalContexts` from
+            :func:`hdn.contexts.depth_range` or :func:`hdn.contexts.depth_percentile`.
+        level: the level ``l`` whose ``2**l`` bins are drawn.
+        title: axes title.
+        image: which image of the batch.
+        cmap: colormap the bin colours are taken from (:func:`bin_colours`).
+        unit: unit of the depths, for the colorbar label ("" for none, e.g. disparity bins).
+        colorbar: draw the colorbar of the bin intervals.
+        legend: add the grey legend entry when some pixel is in no bin.
+
+    Returns:
+        The :class:`~matplotlib.image.AxesImage`; its array holds the bin index of every
+        pixel, masked where it is in no bin.
+
+    Examples:
+        >>> from hdn.contexts import depth_range
+        >>> depth = torch.linspace(2.0, 5.0, 12).view(1, 3, 4)
+        >>> fig = Figure()
+        >>> im = show_depth_bins(fig.subplots(), depth_range(depth, levels=2), 1, title="DR")
+        >>> [t.get_text() for t in fig.axes[-1].get_yticklabels()]
+        ['2.00', '3.50', '5.00']
+    """
+    edges = _bin_edges(contexts, level, image)
+    ids = _numpy(contexts.level_ids(level)[image]).astype(np.int64)
+    k = edges.size - 1
+    colours = ListedColormap(bin_colours(k, cmap)).with_extremes(bad=INVALID_COLOR)
+    shown = np.ma.masked_less(ids, 0)
+    im = ax.imshow(shown, cmap=colours, vmin=-0.5, vmax=k - 0.5)
+    if colorbar:
+        _bin_colorbar(ax, edges, colours, unit)
+    if legend and shown.mask.any():
+        add_invalid_legend(ax, label=f"{INVALID_LABEL} / no bin")
+    ax.set_title(title)
+    ax.set_xlabel("column (px)")
+    ax.set_ylabel("row (px)")
+    return im
+
+
+def _bin_colorbar(ax: Axes, edges: np.ndarray, colours: ListedColormap, unit: str) -> None:
+    """A colorbar whose segments are the bins' intervals (to scale when the edges increase)."""
+    k = edges.size - 1
+    label = f"depth bin ({unit})" if unit else "bin interval"
+    if np.all(np.diff(edges) > 0):  # proportional segments, ticks at the edges
+        norm = BoundaryNorm(edges, k)
+        mappable = mpl.cm.ScalarMappable(norm=norm, cmap=colours)
+        positions = edges
+    else:  # empty bins (repeated edges): one equal segment per bin, ticks at the edges
+        mappable = mpl.cm.ScalarMappable(norm=BoundaryNorm(np.arange(k + 1) - 0.5, k), cmap=colours)
+        positions = np.arange(k + 1) - 0.5
+    cb = ax.figure.colorbar(mappable, ax=ax, shrink=0.85, label=label, spacing="proportional")
+    keep = _spaced_ticks(positions)
+    cb.set_ticks(positions[keep], labels=[_edge_label(edges[i], unit) for i in keep])
+    cb.minorticks_off()
+
+
+def _spaced_ticks(positions: np.ndarray, gap: float = 0.07, most: int = 9) -> list[int]:
+    """Indices of the edges to label: both ends, and inner edges at least ``gap`` of the
+    range from their labelled neighbours (so that DP's crowded edges do not overprint).
+
+    Examples:
+        >>> _spaced_ticks(np.array([2.11, 2.30, 2.39, 2.51, 2.76, 3.58, 3.81, 4.35, 5.0]))
+        [0, 3, 5, 7, 8]
+    """
+    span = float(positions[-1] - positions[0]) or 1.0
+    gap = max(gap, 1.0 / most)
+    keep = [0]
+    for i in range(1, positions.size - 1):
+        if (positions[i] - positions[keep[-1]]) / span >= gap and (positions[-1] - positions[i]) / span >= gap:
+            keep.append(i)
+    return keep + [positions.size - 1]
+
+
+def show_bin_histogram(
+    ax: Axes,
+    depth: Tensor | np.ndarray,
+    contexts,
+    level: int,
+    *,
+    title: str,
+    image: int = 0,
+    valid: Tensor | np.ndarray | None = None,
+    bars: int = 60,
+    cmap: str = DEPTH_CMAP,
+    unit: str = "m",
+) -> None:
+    """Histogram of one image's valid depths, each bar coloured by its DR / DP bin, edges dashed.
+
+    The companion of :func:`show_depth_bins` (same colours): where a map shows where the bins
+    lie in the image, the histogram shows how many pixels each bin's interval holds.
+
+    Args:
+        ax: the axes.
+        depth: ``(H, W)`` or ``(1, H, W)`` depth of that image (NaN = invalid).
+        contexts: DR or DP contexts built from ``depth`` (see :func:`show_depth_bins`).
+        level: the level whose bins colour the bars.
+        title: axes title.
+        image: which image of the contexts' batch ``depth`` is.
+        valid: optional bool mask; non-finite depths are invalid anyway.
+        bars: number of histogram bars over the valid depth range.
+        cmap, unit: as in :func:`show_depth_bins`.
+
+    Examples:
+        >>> from hdn.contexts import depth_percentile
+        >>> depth = torch.linspace(2.0, 5.0, 12).view(1, 3, 4)
+        >>> fig = Figure()
+        >>> ax = fig.subplots()
+        >>> show_bin_histogram(ax, depth, depth_percentile(depth, levels=2), 1, title="DP", bars=6)
+        >>> len(ax.patches), len(ax.lines)  # 6 bars, 3 dashed edges
+        (6, 3)
+    """
+    edges = _bin_edges(contexts, level, image)
+    d = _image_2d(depth, "depth").astype(np.float64)
+    keep = np.isfinite(d)
+    if valid is not None:
+        keep &= _image_2d(valid, "valid").astype(bool)
+    values = d[keep]
+    if isinstance(bars, bool) or not isinstance(bars, (int, np.integer)) or bars < 1:
+        raise ValueError(f"Invalid bars: we expect an integer >= 1. Got: {bars!r}.")
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    counts, bar_edges = np.histogram(values, bins=bars, range=(lo, hi if hi > lo else lo + 1))
+    centres = (bar_edges[:-1] + bar_edges[1:]) / 2
+    k = edges.size - 1
+    which = np.clip(np.searchsorted(edges, centres, side="right") - 1, 0, k - 1)
+    colours = bin_colours(k, cmap)
+    ax.bar(centres, counts, width=np.diff(bar_edges), color=[colours[i] for i in which],
+           edgecolor="none")
+    for edge in edges:
+        ax.axvline(edge, color="black", linestyle="--", linewidth=0.7)
+    ax.set_title(title)
+    ax.set_xlabel(f"depth ({unit})" if unit else "value")
+    ax.set_ylabel("pixels")
+
+
+def show_grid_contexts(
+    ax: Axes,
+    depth: Tensor | np.ndarray,
+    level: int,
+    *,
+    title: str,
+    valid: Tensor | np.ndarray | None = None,
+    colorbar: bool = True,
+    legend: bool = True,
+    **line_kw,
+) -> AxesImage:
+    """Draw the DS cells of ``level`` as a grid over the depth map (metres, with its colorbar).
+
+    DS contexts are places, not depths: a colour per cell would say nothing that the cell
+    boundaries do not, so the depth map stays visible and the ``2**l x 2**l`` cells of
+    docs/semantics.md §3 (:func:`grid_edges`) are drawn on top.
+
+    Args:
+        ax: the axes.
+        depth: ``(H, W)`` or ``(1, H, W)`` depth in metres (NaN = invalid).
+        level: grid level ``l`` (``4**l`` cells).
+        title: axes title.
+        valid: optional bool mask (grey where False).
+        colorbar, legend: as in :func:`show_map`.
+        **line_kw: line style of the grid (default white, 0.8 pt).
+
+    Returns:
+        The depth map's :class:`~matplotlib.image.AxesImage`.
+
+    Examples:
+        >>> fig = Figure()
+        >>> ax = fig.subplots()
+        >>> im = show_grid_contexts(ax, torch.rand(6, 10) + 1, 2, title="DS level 2")
+        >>> len(ax.lines)  # 3 inner row and 3 inner column boundaries
+        6
+    """
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or level < 0:
+        raise ValueError(f"Invalid level: we expect an integer >= 0. Got: {level!r}.")
+    im = show_map(ax, depth, kind="depth", valid=valid, title=title, colorbar=colorbar, legend=legend)
+    height, width = im.get_array().shape
+    draw_grid(ax, height, width, level, **line_kw)
+    return im
 
 
 def figure_png(fig: Figure) -> bytes:
