@@ -19,6 +19,7 @@ pixel without ground truth must not look like a pixel at the median.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 
 import matplotlib as mpl
 import numpy as np
@@ -42,8 +43,11 @@ __all__ = [
     "draw_grid",
     "figure_png",
     "grid_edges",
+    "relative_log_magnitude",
     "show_contexts",
+    "show_grid_over_depth",
     "show_map",
+    "show_relative_magnitude_maps",
     "use_workbook_style",
 ]
 
@@ -258,3 +262,135 @@ def figure_png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def show_grid_over_depth(
+    ax: Axes,
+    depth: Tensor | np.ndarray,
+    level: int,
+    *,
+    title: str,
+    valid: Tensor | np.ndarray | None = None,
+    colorbar: bool = True,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    **line_kw,
+) -> AxesImage:
+    """A depth map (metres) with the DS cell boundaries of level ``l`` drawn over it.
+
+    Args:
+        ax: the axes.
+        depth: ``(H, W)`` (or ``(1, H, W)``) depth in metres.
+        level: level index ``l >= 0``; the grid has ``2**l x 2**l`` cells (:func:`grid_edges`).
+        title: axes title.
+        valid: optional ``(H, W)`` bool; pixels without ground truth in :data:`INVALID_COLOR`.
+        colorbar: draw the colorbar "depth (m)".
+        vmin, vmax: colour limits in metres (share them across panels to compare levels).
+        line_kw: line style of the boundaries (:func:`draw_grid`; default white).
+
+    Returns:
+        the :class:`~matplotlib.image.AxesImage` of the depth map.
+
+    Examples:
+        >>> fig = Figure()
+        >>> im = show_grid_over_depth(fig.subplots(), torch.rand(6, 9) + 1, 1, title="l = 1")
+        >>> len(im.axes.lines)  # one inner row and one inner column boundary
+        2
+    """
+    if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+        raise ValueError(f"Invalid level: we expect an integer >= 0. Got: {level!r}.")
+    a = _image_2d(depth, "depth")
+    im = show_map(ax, a, kind="depth", title=title, valid=valid, colorbar=colorbar,
+                  vmin=vmin, vmax=vmax)
+    draw_grid(ax, a.shape[0], a.shape[1], level, **line_kw)
+    return im
+
+
+def relative_log_magnitude(
+    values: Tensor | np.ndarray, valid: Tensor | np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
+    """``log10(|x| / median |x|)`` of a map, the median over its valid, finite pixels.
+
+    Maps of losses whose overall magnitudes differ (a gradient of one loss can be ten times
+    another's everywhere) then share one colour scale that shows *where* each map is large
+    relative to its own typical pixel. The median is taken over the non-zero values when more
+    than half are zero; a map that is zero everywhere uses 1. Zeros become ``-inf``.
+
+    Args:
+        values: ``(H, W)`` (or ``(1, H, W)``) map, e.g. a gradient.
+        valid: optional bool map of the pixels that count.
+
+    Returns:
+        ``(log_ratio, reference)``: the ``(H, W)`` float64 array (NaN where not valid) and
+        the median ``|x|`` it divides by.
+
+    Examples:
+        >>> ratio, ref = relative_log_magnitude(torch.tensor([[1.0, -10.0, 100.0]]))
+        >>> ratio.tolist(), ref
+        ([[-1.0, 0.0, 1.0]], 10.0)
+    """
+    a = np.abs(_image_2d(values, "values").astype(np.float64))
+    ok = np.isfinite(a)
+    if valid is not None:
+        ok &= _image_2d(valid, "valid").astype(bool)
+    data = a[ok]
+    reference = float(np.median(data)) if data.size else 0.0
+    if reference == 0.0 and (data > 0).any():
+        reference = float(np.median(data[data > 0]))
+    if reference == 0.0:
+        reference = 1.0
+    with np.errstate(divide="ignore"):
+        out = np.log10(a / reference)
+    return np.where(ok, out, np.nan), reference
+
+
+def show_relative_magnitude_maps(
+    axes: Sequence[Axes],
+    maps: Mapping[str, Tensor | np.ndarray],
+    *,
+    valid: Tensor | np.ndarray | Sequence[Tensor | np.ndarray] | None = None,
+    vmin: float = -2.0,
+    vmax: float = 2.0,
+    cmap: str = "magma",
+    label: str = r"$\log_{10}(|G| \,/\, \mathrm{median}\,|G|)$ of the panel (no unit)",
+) -> list[AxesImage]:
+    """Draw several maps as :func:`relative_log_magnitude`, each over its own median, on one
+    colour scale with one shared colorbar.
+
+    Args:
+        axes: one axes per map, in the order of ``maps`` (e.g. ``axes.flat``).
+        maps: panel title -> ``(H, W)`` map.
+        valid: one bool mask for all panels, one per panel, or ``None``.
+        vmin, vmax: colour limits in decades around each panel's median (values beyond
+            are drawn in the end colours; ``-inf`` for exact zeros in the lowest).
+        cmap: colormap name.
+        label: the shared colorbar's label.
+
+    Returns:
+        the images, one per panel.
+
+    Examples:
+        >>> fig = Figure()
+        >>> ims = show_relative_magnitude_maps(fig.subplots(1, 2), {"a": torch.ones(3, 3),
+        ...                                    "b": 5 * torch.ones(3, 3)})
+        >>> [float(im.get_array().mean()) for im in ims], len(fig.axes)  # two panels, one bar
+        ([0.0, 0.0], 3)
+    """
+    axes = list(axes)
+    if len(axes) != len(maps):
+        raise ValueError(f"Invalid axes: we expect one per map ({len(maps)}). Got: {len(axes)}.")
+    if valid is None or isinstance(valid, (Tensor, np.ndarray)):
+        masks = [valid] * len(maps)
+    else:
+        masks = list(valid)
+        if len(masks) != len(maps):
+            raise ValueError(f"Invalid valid: we expect one mask or {len(maps)}. Got: {len(masks)}.")
+    images = []
+    for ax, (title, values), mask in zip(axes, maps.items(), masks, strict=True):
+        ratio, _ = relative_log_magnitude(values, mask)
+        shown = np.where(np.isneginf(ratio), vmin, ratio)  # exact zeros: the lowest colour
+        images.append(show_map(ax, shown, kind="loss", title=title, valid=mask, vmin=vmin,
+                               vmax=vmax, cmap=cmap, colorbar=False))
+    if images:
+        axes[0].figure.colorbar(images[0], ax=axes, shrink=0.85, label=label)
+    return images
