@@ -140,3 +140,27 @@ def test_relative_magnitude_maps_share_one_colour_scale_and_one_colorbar():
     assert "median" in fig.axes[-1].get_ylabel()
     with pytest.raises(ValueError, match="Invalid axes"):
         show_relative_magnitude_maps(axes[:2], maps)
+
+
+def test_relative_magnitude_maps_fill_a_grid_with_repeated_titles_and_per_panel_masks():
+    from hdn.workbook.plotting import show_relative_magnitude_maps
+
+    fig = Figure()
+    axes = fig.subplots(2, 2)
+    valid = torch.ones(4, 4, dtype=torch.bool)
+    valid[0, 0] = False
+    panels = [("SSI", torch.rand(4, 4) + 1), ("DR", torch.rand(4, 4) + 1)] * 2
+    images = show_relative_magnitude_maps(axes, panels, valid=[valid, None, None, valid])
+    assert [im.axes.get_title() for im in images] == ["SSI", "DR", "SSI", "DR"]
+    assert len(fig.axes) == 5  # four panels, one shared colorbar
+    assert images[0].get_array().mask[0, 0] and not images[1].get_array().mask.any()
+
+
+def test_grid_cell_sizes_differ_by_at_most_one_pixel_and_cover_the_side():
+    from hdn.workbook.plotting import grid_cell_sizes
+
+    for size in (250, 371, 7):
+        for level in range(4):
+            sizes = grid_cell_sizes(size, level)
+            assert max(sizes) - min(sizes) <= 1
+            assert min(sizes) * 2**level <= size <= max(sizes) * 2**level

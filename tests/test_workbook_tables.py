@@ -15,7 +15,7 @@ def test_format_table_aligns_columns_and_formats_floats_per_column():
     assert lines[0].split() == ["loss", "loss", "levels", "tag"]
     assert lines[1].split() == ["SSI", "0.1547", "3", "x"]
     assert lines[2].split() == ["HDN-DR", "0.4832", "12", "yy"]
-    assert len({len(line) for line in lines}) == 1  # right-aligned to one width
+    assert len({len(line) for line in lines}) == 1  # right-aligned columns
 
 
 def test_format_table_formats_single_element_tensors_as_numbers():
@@ -38,3 +38,11 @@ def test_agree_within_is_relative_and_symmetric():
     assert agree_within(0.0, 0.0, rtol=0.0)
     with pytest.raises(ValueError, match="Invalid rtol"):
         agree_within(1.0, 1.0, rtol=-1.0)
+
+
+def test_format_table_sizes_each_column_to_its_widest_entry_unless_told():
+    lines = format_table({"r": [1.0, 123456.0]}, ["a", "b"], fmt=".1f").split("\n")
+    assert lines[0] == "     a         b"
+    assert lines[1] == "r  1.0  123456.0"
+    fixed = format_table({"r": [1.0, 2.0]}, ["a", "b"], fmt=".1f", width=6).split("\n")
+    assert fixed[1] == "r   1.0   2.0"

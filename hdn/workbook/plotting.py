@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 
 import matplotlib as mpl
 import numpy as np
@@ -42,6 +43,7 @@ __all__ = [
     "add_invalid_legend",
     "draw_grid",
     "figure_png",
+    "grid_cell_sizes",
     "grid_edges",
     "relative_log_magnitude",
     "show_contexts",
@@ -248,6 +250,19 @@ def grid_edges(size: int, level: int) -> list[int]:
     return [int(i * w * size) for i in range(2**level)]
 
 
+def grid_cell_sizes(size: int, level: int) -> list[int]:
+    """The distinct lengths (pixels) of the DS cells along one side at level ``l``, ascending.
+
+    Truncation (:func:`grid_edges`) makes neighbouring cells differ by at most one pixel.
+
+    Examples:
+        >>> grid_cell_sizes(371, 2), grid_cell_sizes(250, 0)
+        ([92, 93], [250])
+    """
+    edges = grid_edges(size, level) + [size]
+    return sorted({b - a for a, b in pairwise(edges)})
+
+
 def draw_grid(ax: Axes, height: int, width: int, level: int, **line_kw) -> None:
     """Draw the DS cell boundaries of ``level`` on an image of ``height x width`` pixels."""
     style = {"color": "white", "linewidth": 0.8, "alpha": 0.9} | line_kw
@@ -346,7 +361,7 @@ def relative_log_magnitude(
 
 def show_relative_magnitude_maps(
     axes: Sequence[Axes],
-    maps: Mapping[str, Tensor | np.ndarray],
+    maps: Mapping[str, Tensor | np.ndarray] | Sequence[tuple[str, Tensor | np.ndarray]],
     *,
     valid: Tensor | np.ndarray | Sequence[Tensor | np.ndarray] | None = None,
     vmin: float = -2.0,
@@ -358,8 +373,9 @@ def show_relative_magnitude_maps(
     colour scale with one shared colorbar.
 
     Args:
-        axes: one axes per map, in the order of ``maps`` (e.g. ``axes.flat``).
-        maps: panel title -> ``(H, W)`` map.
+        axes: one axes per map, in the order of ``maps`` (e.g. ``axes.flat`` of a grid).
+        maps: panel title -> ``(H, W)`` map, or a sequence of ``(title, map)`` pairs (titles
+            may then repeat, e.g. the same loss in every row of a grid).
         valid: one bool mask for all panels, one per panel, or ``None``.
         vmin, vmax: colour limits in decades around each panel's median (values beyond
             are drawn in the end colours; ``-inf`` for exact zeros in the lowest).
@@ -376,17 +392,20 @@ def show_relative_magnitude_maps(
         >>> [float(im.get_array().mean()) for im in ims], len(fig.axes)  # two panels, one bar
         ([0.0, 0.0], 3)
     """
-    axes = list(axes)
-    if len(axes) != len(maps):
-        raise ValueError(f"Invalid axes: we expect one per map ({len(maps)}). Got: {len(axes)}.")
+    axes = list(np.asarray(axes, dtype=object).flat)
+    panels = list(maps.items()) if isinstance(maps, Mapping) else [tuple(p) for p in maps]
+    if len(axes) != len(panels):
+        raise ValueError(f"Invalid axes: we expect one per map ({len(panels)}). Got: {len(axes)}.")
     if valid is None or isinstance(valid, (Tensor, np.ndarray)):
-        masks = [valid] * len(maps)
+        masks = [valid] * len(panels)
     else:
         masks = list(valid)
-        if len(masks) != len(maps):
-            raise ValueError(f"Invalid valid: we expect one mask or {len(maps)}. Got: {len(masks)}.")
+        if len(masks) != len(panels):
+            raise ValueError(
+                f"Invalid valid: we expect one mask or {len(panels)}. Got: {len(masks)}."
+            )
     images = []
-    for ax, (title, values), mask in zip(axes, maps.items(), masks, strict=True):
+    for ax, (title, values), mask in zip(axes, panels, masks, strict=True):
         ratio, _ = relative_log_magnitude(values, mask)
         shown = np.where(np.isneginf(ratio), vmin, ratio)  # exact zeros: the lowest colour
         images.append(show_map(ax, shown, kind="loss", title=title, valid=mask, vmin=vmin,

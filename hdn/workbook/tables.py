@@ -30,16 +30,17 @@ def format_table(
         columns: column headers.
         fmt: format spec of the floats, e.g. ``".3f"`` or ``".2e"``, or one per column.
         title: text above the row labels, in the header line.
-        width: width of every value column (default: the widest header or value, plus 2).
+        width: width of every value column (default: per column, its widest header or
+            value plus 2).
 
     Returns:
         the table, lines joined by newlines (no trailing newline).
 
     Examples:
         >>> print(format_table({"SSI": [0.1547, 2], "DS": [0.31744, 13]}, ["loss", "n"], fmt=".4f"))
-               loss       n
-        SSI  0.1547       2
-        DS   0.3174      13
+               loss   n
+        SSI  0.1547   2
+        DS   0.3174  13
     """
     if isinstance(columns, str):
         raise ValueError(f"Invalid columns: we expect a sequence of headers. Got: {columns!r}.")
@@ -56,11 +57,14 @@ def format_table(
             )
         cells[label] = [_cell(v, f) for v, f in zip(values, fmts, strict=True)]
     if width is None:
-        width = 2 + max([len(c) for c in columns] + [len(v) for r in cells.values() for v in r])
+        widths = [2 + max([len(c)] + [len(r[k]) for r in cells.values()])
+                  for k, c in enumerate(columns)]
+    else:
+        widths = [width] * len(columns)
     label_width = max([len(title)] + [len(label) for label in cells])
-    lines = [title.ljust(label_width) + "".join(c.rjust(width) for c in columns)]
+    lines = [title.ljust(label_width) + "".join(c.rjust(w) for c, w in zip(columns, widths))]
     for label, values in cells.items():
-        lines.append(label.ljust(label_width) + "".join(v.rjust(width) for v in values))
+        lines.append(label.ljust(label_width) + "".join(v.rjust(w) for v, w in zip(values, widths)))
     return "\n".join(line.rstrip() for line in lines)
 
 
