@@ -19,11 +19,15 @@ from hdn.workbook.gradients import (
     descend,
     detail_regions,
     gradient_mass_by_region,
+    level_gradients,
     loss_gradient,
     make_loss,
+    median_gradient_share,
+    smallest_context_size,
     smooth_within,
     ssi_gradient_parts,
     ssi_loss_count_n,
+    step_lengths,
 )
 
 
@@ -299,3 +303,95 @@ def test_explorer_draws_no_curve_for_a_region_with_nothing_to_recover():
     far_line = ex.figure.axes[1].lines[2]  # near, near (SSI), far, far (SSI)
     assert far_line.get_label() == "far"
     assert bool(np.isnan(far_line.get_ydata()).all())  # no curve
+
+
+def test_descend_with_regions_moves_every_region_by_lr_per_pixel_on_average():
+    depth, valid = near_far_scene(24, 32, seed=2, dtype=torch.float64)
+    g, valid = depth[None], valid[None]
+    near = valid & (g < 5)
+    p0 = torch.where(near, smooth_within(g, near, 3.0), 1.05 * g)
+    regions = {"near": near, "far": valid & ~near}
+    maps = descend(p0, g, valid, make_loss("dr", 3), steps=2, lr=1e-3, regions=regions)
+    for lengths in step_lengths(maps, regions).values():
+        assert lengths == pytest.approx([1e-3, 1e-3], rel=1e-9)
+    # one mean over all pixels: a region's step is lr * (share of sum |G|) / (share of pixels)
+    plain = descend(p0, g, valid, make_loss("dr", 3), steps=1, lr=1e-3)
+    share = gradient_mass_by_region(loss_gradient(make_loss("dr", 3), p0, g, valid), regions)
+    pixels = float(near.sum() / valid.sum())
+    assert step_lengths(plain, regions)["near"][0] == pytest.approx(1e-3 * share["near"] / pixels)
+
+
+def test_descend_with_regions_steps_the_pixels_in_no_region_as_one_more_group():
+    pred, target, mask = _inputs((1, 8, 9), seed=12)
+    left = torch.zeros_like(mask)
+    left[..., :4] = True
+    maps = descend(pred, target, mask, make_loss("ssi"), steps=1, lr=0.01, regions={"left": left})
+    rest = mask & ~left
+    assert float((maps[1] - maps[0]).abs()[mask & left].mean()) == pytest.approx(0.01, rel=1e-9)
+    assert float((maps[1] - maps[0]).abs()[rest].mean()) == pytest.approx(0.01, rel=1e-9)
+
+
+def test_descend_linear_schedule_decays_the_step_to_zero():
+    pred, target, mask = _inputs((1, 8, 9), seed=13)
+    maps = descend(pred, target, mask, make_loss("dp", 2), steps=4, lr=0.02, schedule="linear")
+    lengths = step_lengths(maps, {"all": mask})["all"]
+    assert lengths == pytest.approx([0.02, 0.015, 0.01, 0.005], rel=1e-9)
+
+
+def test_descend_keeps_its_old_behaviour_without_regions():
+    pred, target, mask = _inputs((1, 7, 8), seed=14)
+    fn = make_loss("ds", 2)
+    new = descend(pred, target, mask, fn, steps=2, lr=0.01)
+    p = pred.clone()
+    for k in range(2):
+        grad = loss_gradient(fn, p, target, mask)
+        p = p - 0.01 * grad / grad.abs()[mask].mean()
+        torch.testing.assert_close(new[k + 1], p, rtol=0, atol=0)
+
+
+def test_descend_rejects_unknown_schedules_and_misshapen_regions():
+    pred, target, mask = _inputs((1, 4, 4))
+    with pytest.raises(ValueError, match="Invalid schedule"):
+        descend(pred, target, mask, hdn.ssi_loss, steps=1, lr=0.1, schedule="cosine")
+    with pytest.raises(ValueError, match="Invalid region 'r' shape"):
+        descend(pred, target, mask, hdn.ssi_loss, steps=1, lr=0.1,
+                regions={"r": torch.ones(3, 3, dtype=torch.bool)})
+
+
+def test_step_lengths_rejects_empty_regions_and_single_maps():
+    maps = [torch.zeros(1, 2, 2), torch.ones(1, 2, 2)]
+    with pytest.raises(ValueError, match="Invalid region 'none'"):
+        step_lengths(maps, {"none": torch.zeros(1, 2, 2, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="Invalid maps"):
+        step_lengths(maps[:1], {"all": torch.ones(1, 2, 2, dtype=torch.bool)})
+
+
+def test_level_gradients_of_a_one_level_hierarchy_equal_the_ssi_gradient():
+    pred, target, mask = _inputs((2, 6, 7), seed=15)
+    ctx = hdn.contexts.spatial_grid(target, mask, levels=1)  # level 0: the whole image
+    parts = level_gradients(pred, target, mask, ctx)
+    assert parts.shape == (1, 2, 6, 7)
+    torch.testing.assert_close(parts[0], loss_gradient(hdn.ssi_loss, pred, target, mask))
+
+
+def test_level_gradients_sum_to_the_hdn_gradient_up_to_the_per_pixel_mean():
+    pred, target, mask = _inputs((1, 8, 8), seed=16)
+    ctx = hdn.contexts.spatial_grid(target, mask, levels=2)  # every pixel in one cell per level
+    parts = level_gradients(pred, target, mask, ctx)
+    full = loss_gradient(lambda p, g, v: hdn.contexts_loss(p, g, v, ctx), pred, target, mask)
+    torch.testing.assert_close(parts.sum(0) / 2, full)
+
+
+def test_smallest_context_size_counts_valid_pixels_of_the_smallest_cell():
+    target = torch.rand(1, 8, 12, dtype=torch.float64) + 1
+    assert smallest_context_size("ds", target, None, 3) == 2 * 3
+    mask = torch.ones(1, 8, 12, dtype=torch.bool)
+    mask[0, 0, 0] = False
+    assert smallest_context_size("ds", target, mask, 3) == 5
+
+
+def test_median_gradient_share_is_the_median_terms_share_for_ssi():
+    pred, target, mask = _inputs((1, 6, 7), seed=17)
+    parts = ssi_gradient_parts(pred, target, mask)
+    expected = float(parts.median.abs().sum() / parts.total.abs().sum())
+    assert median_gradient_share("ssi", 1, pred, target, mask) == pytest.approx(expected, rel=1e-9)

@@ -192,3 +192,73 @@ def test_show_grid_contexts_draws_the_ds_cells_over_the_depth_map():
     assert im.get_array().shape == (25, 37)
     with pytest.raises(ValueError, match="Invalid level"):
         show_grid_contexts(ax, torch.rand(4, 4), -1, title="?")
+
+
+def test_show_grid_contexts_shares_colour_limits_and_marks_invalid_pixels():
+    fig = Figure()
+    depth = torch.rand(10, 15) + 1
+    valid = torch.ones(10, 15, dtype=torch.bool)
+    valid[0, 0] = False
+    im = show_grid_contexts(fig.subplots(), depth, 2, valid=valid, title="DS level l = 2",
+                            vmin=0.5, vmax=4.0)
+    assert im.get_clim() == (0.5, 4.0)
+    assert im.cmap.name.startswith(DEPTH_CMAP) and _colorbar_label(fig) == "depth (m)"
+    assert len(im.axes.lines) == 3 + 3  # inner boundaries of a 4 x 4 grid
+    assert im.axes.get_legend() is not None  # the grey "no ground truth" entry
+    with pytest.raises(ValueError, match="Invalid level"):
+        show_grid_contexts(fig.subplots(), depth, -1, title="bad")
+
+
+def test_relative_log_magnitude_divides_by_the_valid_median():
+    from hdn.workbook.plotting import relative_log_magnitude
+
+    values = torch.tensor([[1.0, -10.0, 1000.0], [100.0, 0.0, 5.0]])
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    ratio, reference = relative_log_magnitude(values, valid)
+    assert reference == 5.0  # median of |1|, |-10|, |100|, |0|, |5|
+    assert np.isnan(ratio[0, 2]) and np.isneginf(ratio[1, 1])
+    assert ratio[1, 0] == pytest.approx(np.log10(20))
+    # more than half zeros: the median of the non-zero values
+    assert relative_log_magnitude(torch.tensor([[0.0, 0.0, 0.0, 2.0, 4.0]]))[1] == 3.0
+    assert relative_log_magnitude(torch.zeros(2, 2))[1] == 1.0
+
+
+def test_relative_magnitude_maps_share_one_colour_scale_and_one_colorbar():
+    from hdn.workbook.plotting import show_relative_magnitude_maps
+
+    fig = Figure()
+    axes = fig.subplots(1, 3)
+    base = torch.rand(6, 6) + 0.5
+    maps = {"x": base, "10 x": 10 * base, "with zero": base * (torch.arange(6) > 0)}
+    images = show_relative_magnitude_maps(axes, maps, vmin=-1.5, vmax=1.5)
+    assert len(fig.axes) == 4  # three panels, one shared colorbar
+    assert {im.get_clim() for im in images} == {(-1.5, 1.5)}
+    np.testing.assert_allclose(images[0].get_array(), images[1].get_array(), atol=1e-6)
+    assert float(images[2].get_array()[:, 0].max()) == -1.5  # exact zeros: the lowest colour
+    assert "median" in fig.axes[-1].get_ylabel()
+    with pytest.raises(ValueError, match="Invalid axes"):
+        show_relative_magnitude_maps(axes[:2], maps)
+
+
+def test_relative_magnitude_maps_fill_a_grid_with_repeated_titles_and_per_panel_masks():
+    from hdn.workbook.plotting import show_relative_magnitude_maps
+
+    fig = Figure()
+    axes = fig.subplots(2, 2)
+    valid = torch.ones(4, 4, dtype=torch.bool)
+    valid[0, 0] = False
+    panels = [("SSI", torch.rand(4, 4) + 1), ("DR", torch.rand(4, 4) + 1)] * 2
+    images = show_relative_magnitude_maps(axes, panels, valid=[valid, None, None, valid])
+    assert [im.axes.get_title() for im in images] == ["SSI", "DR", "SSI", "DR"]
+    assert len(fig.axes) == 5  # four panels, one shared colorbar
+    assert images[0].get_array().mask[0, 0] and not images[1].get_array().mask.any()
+
+
+def test_grid_cell_sizes_differ_by_at_most_one_pixel_and_cover_the_side():
+    from hdn.workbook.plotting import grid_cell_sizes
+
+    for size in (250, 371, 7):
+        for level in range(4):
+            sizes = grid_cell_sizes(size, level)
+            assert max(sizes) - min(sizes) <= 1
+            assert min(sizes) * 2**level <= size <= max(sizes) * 2**level

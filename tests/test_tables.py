@@ -56,11 +56,11 @@ def test_share_rows_and_format_table_lay_out_one_row_per_region():
     regions = {"near": torch.tensor([True, False, False]), "far": torch.tensor([False, True, True])}
     rows = share_rows(maps, regions)
     assert rows == {"near": [0.25, 0.5], "far": [0.75, 0.5]}
-    text = format_table(rows, list(maps), corner="share")
+    text = format_table(rows, list(maps), title="share")
     assert text.splitlines() == [
-        "share      SSI       DP",
-        " near    0.250    0.500",
-        "  far    0.750    0.500",
+        "share    SSI     DP",
+        "near   0.250  0.500",
+        "far    0.750  0.500",
     ]
-    with pytest.raises(ValueError, match="Invalid rows"):
+    with pytest.raises(ValueError, match="Invalid row"):
         format_table({"near": [0.1]}, ["SSI", "DP"])

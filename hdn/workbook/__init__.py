@@ -11,6 +11,7 @@
 - :mod:`hdn.workbook.gradients`: gradient maps and descent on a depth map (notebook 04).
 - :mod:`hdn.workbook.training_explorer`: the level explorer of trained models (notebook 05).
 - :mod:`hdn.workbook.figures`: the README's overview figure (``python -m hdn.workbook.figures``).
+- :mod:`hdn.workbook.tables`: the aligned text tables and tolerance checks the notebooks print.
 
 The workbook imports the loss library (:mod:`hdn`) and the toy training stack
 (:mod:`hdn.toy`); the library never imports the workbook.

@@ -12,8 +12,9 @@ each pixel of a prediction map ``p``:
   detached (the follow-up work's variant).
 * :func:`gradient_mass_by_region`, :func:`detail_regions`: where the gradient goes (near/far,
   fine/smooth; :func:`hdn.workbook.explorer.depth_quantile_regions` gives depth quarters).
-* :func:`descend`, :func:`aligned_error`, :func:`aligned_error_map`, :class:`DescentExplorer`:
-  gradient descent on the map itself (no network) and a widget to step through it.
+* :func:`descend`, :func:`step_lengths`, :func:`aligned_error`, :func:`aligned_error_map`,
+  :class:`DescentExplorer`: gradient descent on the map itself (no network), with one step
+  for the whole map or an equal step per region, and a widget to step through it.
 
 All maps are ``(B, H, W)``; inputs may also be ``(B, 1, H, W)``.
 """
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Mapping
+from functools import partial
+from itertools import pairwise
 from typing import NamedTuple
 
 import torch
@@ -43,11 +46,15 @@ __all__ = [
     "descend",
     "detail_regions",
     "gradient_mass_by_region",
+    "level_gradients",
     "loss_gradient",
     "make_loss",
+    "median_gradient_share",
+    "smallest_context_size",
     "smooth_within",
     "ssi_gradient_parts",
     "ssi_loss_count_n",
+    "step_lengths",
 ]
 
 LossFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -407,13 +414,22 @@ def descend(
     lr: float,
     *,
     normalize: bool = True,
+    regions: Mapping[str, Tensor] | None = None,
+    schedule: str = "constant",
 ) -> list[Tensor]:
     """Gradient descent on the prediction map itself (no network).
 
-    ``p_{k+1} = p_k - lr * G_k / mean_i |G_{k,i}|`` with ``G_k`` the gradient of
+    ``p_{k+1} = p_k - lr_k * G_k / mean_i |G_{k,i}|`` with ``G_k`` the gradient of
     ``loss_fn`` at ``p_k`` and the mean over the valid pixels, so every step moves the map by
-    ``lr`` (in the map's units, e.g. metres) per pixel on average and the loss only decides
-    *where* it moves. With ``normalize=False`` it is textbook ``p - lr * G``. Deterministic.
+    ``lr_k`` (in the map's units, e.g. metres) per pixel on average and the loss only decides
+    *where* it moves. With ``normalize=False`` it is textbook ``p - lr_k * G``. Deterministic.
+
+    With one mean over all valid pixels, a region's own mean move per step is
+    ``lr * (its share of sum |G|) / (its share of the pixels)`` (:func:`step_lengths`
+    measures it), so losses that concentrate their gradient also take longer steps there.
+    ``regions`` removes that difference: the mean is taken per region (the valid pixels in
+    no region form one more group), so every region moves by ``lr_k`` per pixel on average
+    and the loss decides only the direction within each region.
 
     Args:
         pred0: ``(B, 1, H, W)`` or ``(B, H, W)`` start.
@@ -423,6 +439,10 @@ def descend(
         steps: number of steps, ``>= 0``.
         lr: step length (``normalize=True``) or learning rate.
         normalize: divide the gradient by its mean absolute value first.
+        regions: optional name -> bool mask of the image; with ``normalize``, the mean
+            absolute gradient is taken within each region (equal step per region).
+        schedule: ``"constant"`` (``lr_k = lr``) or ``"linear"``
+            (``lr_k = lr * (1 - k / steps)``, decaying to 0 at the last step).
 
     Returns:
         ``steps + 1`` detached ``(B, H, W)`` maps, ``pred0`` first.
@@ -436,17 +456,84 @@ def descend(
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"Invalid steps: we expect an integer >= 0. Got: {steps!r}.")
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"Invalid schedule: we expect one of {_SCHEDULES}. Got: {schedule!r}.")
     p = _as_bhw(pred0, "pred0").detach().clone()
     _, _, valid = check_depth_inputs(p, target, mask)
+    groups = _step_groups(valid, regions)
     snapshots = [p.clone()]
-    for _ in range(steps):
+    for k in range(steps):
         grad = loss_gradient(loss_fn, p, target, mask)
         if normalize:
-            scale = grad.abs()[valid].mean() if bool(valid.any()) else grad.new_zeros(())
-            grad = grad / scale if float(scale) > 0 else torch.zeros_like(grad)
-        p = p - lr * grad
+            grad = _normalize_per_group(grad, groups)
+        rate = lr * (1 - k / steps) if schedule == "linear" else lr
+        p = p - rate * grad
         snapshots.append(p.clone())
     return snapshots
+
+
+_SCHEDULES = ("constant", "linear")
+
+
+def _step_groups(valid: Tensor, regions: Mapping[str, Tensor] | None) -> list[Tensor]:
+    """The pixel groups whose mean |G| sets the step: all valid pixels, or one per region."""
+    if regions is None:
+        return [valid]
+    groups, covered = [], torch.zeros_like(valid)
+    for name, region in regions.items():
+        r = region.to(torch.bool)
+        if r.shape != valid.shape:
+            try:
+                r = r.expand_as(valid)
+            except RuntimeError:
+                raise ValueError(
+                    f"Invalid region {name!r} shape: we expect {tuple(valid.shape)} or "
+                    f"broadcastable to it. Got: {tuple(region.shape)}."
+                ) from None
+        r = r & valid & ~covered
+        covered = covered | r
+        groups.append(r)
+    groups.append(valid & ~covered)
+    return [g for g in groups if bool(g.any())]
+
+
+def _normalize_per_group(grad: Tensor, groups: list[Tensor]) -> Tensor:
+    """``grad`` divided, within each group, by the group's mean |grad| (0 where it is 0)."""
+    out = torch.zeros_like(grad)
+    for group in groups:
+        scale = grad.abs()[group].mean()
+        if float(scale) > 0:
+            out = torch.where(group, grad / scale, out)
+    return out
+
+
+def step_lengths(maps: list[Tensor], regions: Mapping[str, Tensor]) -> dict[str, list[float]]:
+    """Mean move per pixel, ``mean_i |p_{k+1,i} - p_{k,i}|``, of every step in each region.
+
+    With :func:`descend`'s default normalisation over all valid pixels, a region's step is
+    ``lr * (its share of sum |G|) / (its share of the pixels)``: this measures it.
+
+    Args:
+        maps: the ``steps + 1`` maps of :func:`descend`.
+        regions: name -> bool mask of the maps' shape (or broadcastable to it), not empty.
+
+    Returns:
+        name -> ``steps`` step lengths (the maps' units, e.g. metres).
+
+    Examples:
+        >>> maps = [torch.zeros(1, 1, 2, dtype=torch.float64), torch.tensor([[[0.1, 0.3]]], dtype=torch.float64)]
+        >>> step_lengths(maps, {"left": torch.tensor([[[True, False]]])})
+        {'left': [0.1]}
+    """
+    if len(maps) < 2:
+        raise ValueError(f"Invalid maps: we expect at least 2 maps (one step). Got: {len(maps)}.")
+    out = {}
+    for name, region in regions.items():
+        r = region.to(torch.bool).expand_as(maps[0])
+        if not bool(r.any()):
+            raise ValueError(f"Invalid region {name!r}: we expect at least one pixel.")
+        out[name] = [float((b - a).abs()[r].double().mean()) for a, b in pairwise(maps)]
+    return out
 
 
 def _percent_of_start(curve: list[float]) -> list[float]:
@@ -626,3 +713,91 @@ class DescentExplorer:
             raise ValueError(f"Invalid loss: we expect one of {LOSS_NAMES}. Got: {loss!r}.")
         if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= self.max_level:
             raise ValueError(f"Invalid level: we expect an integer in [1, {self.max_level}]. Got: {level!r}.")
+
+
+def level_gradients(
+    pred: Tensor, target: Tensor, mask: Tensor | None, contexts: _contexts.Contexts
+) -> Tensor:
+    """Each level's part of an HDN gradient: the gradient of one level's contexts on their own.
+
+    Level ``l``'s contexts become a one-level hierarchy (:func:`hdn.contexts.from_labels`),
+    and autograd gives its loss's gradient. A pixel whose levels' parts differ in sign is
+    pulled in opposite directions by its contexts.
+
+    Args:
+        pred: ``(B, 1, H, W)`` or ``(B, H, W)``.
+        target: same shape.
+        mask: optional bool mask.
+        contexts: the hierarchy, e.g. :func:`hdn.contexts.depth_range` of ``target``.
+
+    Returns:
+        ``(L, B, H, W)``: the gradient of level ``l = 0 .. L-1`` alone.
+
+    Examples:
+        >>> g = torch.rand(1, 6, 6) + 1
+        >>> ctx = _contexts.depth_range(g, None, levels=2)
+        >>> level_gradients(torch.rand(1, 6, 6), g, None, ctx).shape
+        torch.Size([2, 1, 6, 6])
+    """
+    parts = []
+    for level in range(contexts.num_levels):
+        one_level = _contexts.from_labels(contexts.level_ids(level), target, mask)
+        parts.append(
+            loss_gradient(partial(_contexts_loss_of, one_level), pred, target, mask)
+        )
+    return torch.stack(parts)
+
+
+def _contexts_loss_of(
+    contexts: _contexts.Contexts, pred: Tensor, target: Tensor, mask: Tensor | None
+) -> Tensor:
+    return contexts_loss(pred, target, mask, contexts)
+
+
+def smallest_context_size(name: str, target: Tensor, mask: Tensor | None, levels: int) -> int:
+    """The number of valid pixels of the smallest non-empty context of a hierarchy.
+
+    Args:
+        name: ``"dr"``, ``"dp"`` or ``"ds"`` (see :func:`hdn.contexts.build`).
+        target: ``(B, 1, H, W)`` or ``(B, H, W)`` ground truth.
+        mask: optional bool mask.
+        levels: number of levels ``L``.
+
+    Returns:
+        the smallest ``n > 0`` over all contexts of all images (0 if every context is empty).
+
+    Examples:
+        >>> smallest_context_size("ds", torch.rand(1, 8, 8) + 1, None, 2)
+        16
+    """
+    counts = _contexts.build(name, target, mask, levels=levels).to_masks().flatten(1).sum(1)
+    counts = counts[counts > 0]
+    return int(counts.min()) if counts.numel() else 0
+
+
+def median_gradient_share(
+    name: str, levels: int, pred: Tensor, target: Tensor, mask: Tensor | None = None
+) -> float:
+    """Share of ``sum_i |G_i|`` that the prediction's median pixels carry.
+
+    The released loss's gradient minus that of the same loss with the prediction's median
+    detached (:func:`make_loss`) is the median term of every context; this returns its
+    absolute sum over the released gradient's.
+
+    Args:
+        name: a name of :data:`LOSS_NAMES`.
+        levels: number of levels ``L`` (ignored for ``"ssi"``).
+        pred, target, mask: as for :func:`loss_gradient`.
+
+    Returns:
+        a share in ``[0, 1]`` (0 when the gradient is zero).
+
+    Examples:
+        >>> g = torch.rand(1, 6, 6, dtype=torch.float64) + 1
+        >>> 0 < median_gradient_share("ssi", 1, torch.rand(1, 6, 6, dtype=torch.float64), g) < 1
+        True
+    """
+    released = loss_gradient(make_loss(name, levels), pred, target, mask)
+    detached = loss_gradient(make_loss(name, levels, detach_pred_median=True), pred, target, mask)
+    total = released.abs().double().sum()
+    return float((released - detached).abs().double().sum() / total) if float(total) > 0 else 0.0

@@ -23,6 +23,8 @@ pixel without ground truth must not look like a pixel at the median.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
+from itertools import pairwise
 
 import matplotlib as mpl
 import numpy as np
@@ -46,12 +48,15 @@ __all__ = [
     "bin_colours",
     "draw_grid",
     "figure_png",
+    "grid_cell_sizes",
     "grid_edges",
+    "relative_log_magnitude",
     "show_bin_histogram",
     "show_contexts",
     "show_depth_bins",
     "show_grid_contexts",
     "show_map",
+    "show_relative_magnitude_maps",
     "use_workbook_style",
 ]
 
@@ -254,6 +259,19 @@ def grid_edges(size: int, level: int) -> list[int]:
     """
     w = 1 / 2**level
     return [int(i * w * size) for i in range(2**level)]
+
+
+def grid_cell_sizes(size: int, level: int) -> list[int]:
+    """The distinct lengths (pixels) of the DS cells along one side at level ``l``, ascending.
+
+    Truncation (:func:`grid_edges`) makes neighbouring cells differ by at most one pixel.
+
+    Examples:
+        >>> grid_cell_sizes(371, 2), grid_cell_sizes(250, 0)
+        ([92, 93], [250])
+    """
+    edges = grid_edges(size, level) + [size]
+    return sorted({b - a for a, b in pairwise(edges)})
 
 
 def draw_grid(ax: Axes, height: int, width: int, level: int, **line_kw) -> None:
@@ -467,6 +485,8 @@ def show_grid_contexts(
     valid: Tensor | np.ndarray | None = None,
     colorbar: bool = True,
     legend: bool = True,
+    vmin: float | None = None,
+    vmax: float | None = None,
     **line_kw,
 ) -> AxesImage:
     """Draw the DS cells of ``level`` as a grid over the depth map (metres, with its colorbar).
@@ -482,6 +502,7 @@ def show_grid_contexts(
         title: axes title.
         valid: optional bool mask (grey where False).
         colorbar, legend: as in :func:`show_map`.
+        vmin, vmax: colour limits in metres (share them across panels to compare levels).
         **line_kw: line style of the grid (default white, 0.8 pt).
 
     Returns:
@@ -496,7 +517,8 @@ def show_grid_contexts(
     """
     if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or level < 0:
         raise ValueError(f"Invalid level: we expect an integer >= 0. Got: {level!r}.")
-    im = show_map(ax, depth, kind="depth", valid=valid, title=title, colorbar=colorbar, legend=legend)
+    im = show_map(ax, depth, kind="depth", valid=valid, title=title, colorbar=colorbar, legend=legend,
+                  vmin=vmin, vmax=vmax)
     height, width = im.get_array().shape
     draw_grid(ax, height, width, level, **line_kw)
     return im
@@ -507,3 +529,97 @@ def figure_png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def relative_log_magnitude(
+    values: Tensor | np.ndarray, valid: Tensor | np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
+    """``log10(|x| / median |x|)`` of a map, the median over its valid, finite pixels.
+
+    Maps of losses whose overall magnitudes differ (a gradient of one loss can be ten times
+    another's everywhere) then share one colour scale that shows *where* each map is large
+    relative to its own typical pixel. The median is taken over the non-zero values when more
+    than half are zero; a map that is zero everywhere uses 1. Zeros become ``-inf``.
+
+    Args:
+        values: ``(H, W)`` (or ``(1, H, W)``) map, e.g. a gradient.
+        valid: optional bool map of the pixels that count.
+
+    Returns:
+        ``(log_ratio, reference)``: the ``(H, W)`` float64 array (NaN where not valid) and
+        the median ``|x|`` it divides by.
+
+    Examples:
+        >>> ratio, ref = relative_log_magnitude(torch.tensor([[1.0, -10.0, 100.0]]))
+        >>> ratio.tolist(), ref
+        ([[-1.0, 0.0, 1.0]], 10.0)
+    """
+    a = np.abs(_image_2d(values, "values").astype(np.float64))
+    ok = np.isfinite(a)
+    if valid is not None:
+        ok &= _image_2d(valid, "valid").astype(bool)
+    data = a[ok]
+    reference = float(np.median(data)) if data.size else 0.0
+    if reference == 0.0 and (data > 0).any():
+        reference = float(np.median(data[data > 0]))
+    if reference == 0.0:
+        reference = 1.0
+    with np.errstate(divide="ignore"):
+        out = np.log10(a / reference)
+    return np.where(ok, out, np.nan), reference
+
+
+def show_relative_magnitude_maps(
+    axes: Sequence[Axes],
+    maps: Mapping[str, Tensor | np.ndarray] | Sequence[tuple[str, Tensor | np.ndarray]],
+    *,
+    valid: Tensor | np.ndarray | Sequence[Tensor | np.ndarray] | None = None,
+    vmin: float = -2.0,
+    vmax: float = 2.0,
+    cmap: str = "magma",
+    label: str = r"$\log_{10}(|G| \,/\, \mathrm{median}\,|G|)$ of the panel (no unit)",
+) -> list[AxesImage]:
+    """Draw several maps as :func:`relative_log_magnitude`, each over its own median, on one
+    colour scale with one shared colorbar.
+
+    Args:
+        axes: one axes per map, in the order of ``maps`` (e.g. ``axes.flat`` of a grid).
+        maps: panel title -> ``(H, W)`` map, or a sequence of ``(title, map)`` pairs (titles
+            may then repeat, e.g. the same loss in every row of a grid).
+        valid: one bool mask for all panels, one per panel, or ``None``.
+        vmin, vmax: colour limits in decades around each panel's median (values beyond
+            are drawn in the end colours; ``-inf`` for exact zeros in the lowest).
+        cmap: colormap name.
+        label: the shared colorbar's label.
+
+    Returns:
+        the images, one per panel.
+
+    Examples:
+        >>> fig = Figure()
+        >>> ims = show_relative_magnitude_maps(fig.subplots(1, 2), {"a": torch.ones(3, 3),
+        ...                                    "b": 5 * torch.ones(3, 3)})
+        >>> [float(im.get_array().mean()) for im in ims], len(fig.axes)  # two panels, one bar
+        ([0.0, 0.0], 3)
+    """
+    axes = list(np.asarray(axes, dtype=object).flat)
+    panels = list(maps.items()) if isinstance(maps, Mapping) else [tuple(p) for p in maps]
+    if len(axes) != len(panels):
+        raise ValueError(f"Invalid axes: we expect one per map ({len(panels)}). Got: {len(axes)}.")
+    if valid is None or isinstance(valid, (Tensor, np.ndarray)):
+        masks = [valid] * len(panels)
+    else:
+        masks = list(valid)
+        if len(masks) != len(panels):
+            raise ValueError(
+                f"Invalid valid: we expect one mask or {len(panels)}. Got: {len(masks)}."
+            )
+    images = []
+    for ax, (title, values), mask in zip(axes, panels, masks, strict=True):
+        ratio, _ = relative_log_magnitude(values, mask)
+        shown = np.where(np.isneginf(ratio), vmin, ratio)  # exact zeros: the lowest colour
+        images.append(show_map(ax, shown, kind="loss", title=title, valid=mask, vmin=vmin,
+                               vmax=vmax, cmap=cmap, colorbar=False))
+    if images:
+        axes[0].figure.colorbar(images[0], ax=axes, shrink=0.85, label=label)
+    return images
