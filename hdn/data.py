@@ -259,7 +259,8 @@ def blurred(depth: Tensor, sigma: float) -> Tensor:
         sigma: standard deviation of the Gaussian in pixels, ``>= 0``; 0 returns a copy.
 
     Returns:
-        The blurred map, same shape, dtype and device as ``depth``.
+        The blurred map, same shape, dtype and device as ``depth``, computed in float64 and
+        rounded to ``depth``'s dtype (the same on every machine).
 
     Examples:
         >>> depth, _ = near_far_scene(seed=0)
@@ -287,7 +288,10 @@ def blurred(depth: Tensor, sigma: float) -> Tensor:
         return depth.clone()
 
     height, width = depth.shape[-2:]
-    work = torch.promote_types(depth.dtype, torch.float32)  # half convolutions in float32
+    # In float64, whatever the input's precision: float32 convolutions take different kernels
+    # (and summation orders) on different CPUs, so a float32 result would differ in its last
+    # bits from machine to machine; rounded from float64 it is the same everywhere.
+    work = torch.float64
     out = depth.to(work).reshape(-1, 1, height, width)
     radius = math.ceil(3.0 * sigma)
     for axis, size in ((-1, width), (-2, height)):

@@ -210,3 +210,10 @@ def test_blurred_passes_gradients():
 def test_blurred_names_the_bad_argument(depth, sigma, name):
     with pytest.raises(ValueError, match=name):
         blurred(depth, sigma)
+
+
+def test_blurred_float32_is_the_float64_blur_rounded_so_every_machine_agrees():
+    depth, _ = near_far_scene(seed=0)
+    out = blurred(depth.float(), 2.0)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, blurred(depth.double(), 2.0).float())
