@@ -447,7 +447,7 @@ def _blur_within(x: Tensor, region: Tensor, sigma: float) -> Tensor:
 
 def _detrend(x: Tensor, region: Tensor) -> Tensor:
     """``x`` minus its least-squares plane ``a + b u + c v`` over ``region``, per map ``(K, H, W)``."""
-    K, H, W = x.shape
+    _, H, W = x.shape
     v, u = torch.meshgrid(
         torch.arange(H, dtype=x.dtype, device=x.device),
         torch.arange(W, dtype=x.dtype, device=x.device),

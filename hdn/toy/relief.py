@@ -98,12 +98,18 @@ def _shading(depth: np.ndarray, f: float) -> np.ndarray:
 
 def _seed_tuple(seed: SeedLike) -> tuple[int, ...]:
     words = (seed,) if isinstance(seed, (int, np.integer)) else tuple(seed)
-    if not words or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 0 for w in words):
-        raise ValueError(f"Invalid seed: we expect a non-negative int or a sequence of them. Got: {seed!r}.")
+    if not words or any(
+        isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 0 for w in words
+    ):
+        raise ValueError(
+            f"Invalid seed: we expect a non-negative int or a sequence of them. Got: {seed!r}."
+        )
     return tuple(int(w) for w in words)
 
 
-def make_relief_scene(seed: SeedLike, size: int = 32, disparity_fraction: float = 0.0) -> ReliefScene:
+def make_relief_scene(
+    seed: SeedLike, size: int = 32, disparity_fraction: float = 0.0
+) -> ReliefScene:
     """Draw the scene of ``seed`` at ``size x size`` pixels.
 
     Args:
@@ -118,7 +124,9 @@ def make_relief_scene(seed: SeedLike, size: int = 32, disparity_fraction: float 
     if isinstance(size, bool) or not isinstance(size, int) or size < 16:
         raise ValueError(f"Invalid size: we expect an int >= 16. Got: {size!r}.")
     if not 0.0 <= disparity_fraction <= 1.0:
-        raise ValueError(f"Invalid disparity_fraction: we expect a number in [0, 1]. Got: {disparity_fraction!r}.")
+        raise ValueError(
+            f"Invalid disparity_fraction: we expect a number in [0, 1]. Got: {disparity_fraction!r}."
+        )
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(words))))
     f = float(size)  # focal length in pixels: a field of view of about 53 degrees
     v, u = np.mgrid[0:size, 0:size].astype(np.float64)

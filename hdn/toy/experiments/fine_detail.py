@@ -70,13 +70,16 @@ __all__ = [
     "RESULTS",
     "RunConfig",
     "bootstrap_interval",
+    "calibration_ladder",
     "interior_labels",
     "load_rows",
     "main",
     "make_arm_loss",
+    "make_test_set",
+    "paired_differences",
     "paired_t_interval",
     "run",
-    "make_test_set",
+    "scene_differences",
     "verdict",
 ]
 
@@ -117,13 +120,25 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.arm not in ARMS:
             raise ValueError(f"Invalid arm: we expect one of {ARMS}. Got: {self.arm!r}.")
-        for name in ("seed", "steps", "size", "pool", "batch_size", "base", "levels", "test_scenes", "log_steps"):
+        for name in (
+            "seed",
+            "steps",
+            "size",
+            "pool",
+            "batch_size",
+            "base",
+            "levels",
+            "test_scenes",
+            "log_steps",
+        ):
             value = getattr(self, name)
             low = 0 if name in ("seed", "steps") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Invalid {name}: we expect an int >= {low}. Got: {value!r}.")
         if self.size % 8:
-            raise ValueError(f"Invalid size: we expect a multiple of 8 (U-Net depth 3). Got: {self.size}.")
+            raise ValueError(
+                f"Invalid size: we expect a multiple of 8 (U-Net depth 3). Got: {self.size}."
+            )
         if not self.lr > 0:
             raise ValueError(f"Invalid lr: we expect a number > 0. Got: {self.lr!r}.")
 
@@ -175,6 +190,35 @@ def make_arm_loss(arm: str, levels: int = 3):
     raise ValueError(f"Invalid arm: we expect one of {ARMS}. Got: {arm!r}.")
 
 
+def calibration_ladder(
+    batch: dict[str, Tensor], noise: float = 0.005, seed: int = 0
+) -> dict[str, Tensor]:
+    """Predictions of known quality for :func:`hdn.metrics.relief_error`, best first (notebook 05's ladder).
+
+    ``exact`` (the depth), ``log depth`` (monotone, nearly affine on an object), ``noisy``
+    (depth + Gaussian noise of ``noise`` m), ``box blur 3/5/9`` (k x k mean filter, which also
+    smears the background into the objects' borders), ``relief removed`` (the objects' planes
+    without relief) and ``flat`` (a constant).
+    """
+    depth = batch["depth"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def box(x: Tensor, k: int) -> Tensor:
+        padded = torch.nn.functional.pad(x, (k // 2,) * 4, mode="replicate")
+        return torch.nn.functional.avg_pool2d(padded, k, stride=1)
+
+    return {
+        "exact": depth,
+        "log depth": depth.log(),
+        "noisy": depth + noise * torch.randn(depth.shape, generator=gen),
+        "box blur 3": box(depth, 3),
+        "box blur 5": box(depth, 5),
+        "box blur 9": box(depth, 9),
+        "relief removed": batch["smooth"],
+        "flat": torch.ones_like(depth),
+    }
+
+
 def make_test_set(config: RunConfig) -> dict[str, Tensor]:
     """The fixed test scenes ``(999, i)``, ``i < config.test_scenes``."""
     return make_relief_batch([(TEST_SEED, i) for i in range(config.test_scenes)], config.size)
@@ -207,10 +251,19 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
         model = UNet(base=config.base)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / max(config.steps, 1)))
+            optimizer,
+            lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / max(config.steps, 1))),
         )
         loss_fn = make_arm_loss(config.arm, config.levels)
-        log_at = sorted({1, *(round(config.steps * k / config.log_steps) for k in range(1, config.log_steps + 1))})
+        log_at = sorted(
+            {
+                1,
+                *(
+                    round(config.steps * k / config.log_steps)
+                    for k in range(1, config.log_steps + 1)
+                ),
+            }
+        )
         shares, history = [], []
         start = time.perf_counter()
         for step in range(config.steps):
@@ -233,7 +286,9 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
         model.eval()
         test = make_test_set(config)
         with torch.no_grad():
-            pred = torch.cat([model(test["rgb"][i : i + 64]) for i in range(0, config.test_scenes, 64)])
+            pred = torch.cat(
+                [model(test["rgb"][i : i + 64]) for i in range(0, config.test_scenes, 64)]
+            )
     depth, near = test["depth"], test["near"]
     per_scene = relief_error(pred, depth, near, sigma=SIGMA, erode=ERODE, reduction="none")
     zs = zero_shot_metrics(pred, depth, None, space="depth")
@@ -261,12 +316,16 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
     }
 
 
-def load_rows(path: str | os.PathLike | None = None) -> list[dict]:
-    """The rows of a results file (default: the committed ``fine_detail.jsonl``, via importlib.resources)."""
+def load_rows(
+    path: str | os.PathLike | None = None, *, name: str = "fine_detail.jsonl"
+) -> list[dict]:
+    """The rows of a results file; default: the committed results file ``name`` (package data,
+    read through importlib.resources: ``fine_detail.jsonl``, or ``fine_detail_pilot.jsonl`` for the
+    positive-control pilot). A ``path`` that does not exist gives no rows."""
     if path is None:
         from importlib.resources import files
 
-        text = files("hdn.toy.experiments").joinpath("results/fine_detail.jsonl").read_text()
+        text = files("hdn.toy.experiments").joinpath("results", name).read_text()
     else:
         p = Path(path)
         text = p.read_text() if p.exists() else ""
@@ -285,7 +344,9 @@ def _append(path: Path, row: dict) -> None:
 # --------------------------------------------------------------------------- statistics
 
 
-def paired_t_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+def paired_t_interval(
+    differences: Sequence[float], level: float = 0.95
+) -> tuple[float, float, float]:
     """Mean of paired differences and its two-sided 95 % Student-t interval ``(mean, low, high)``.
 
     Examples:
@@ -296,7 +357,9 @@ def paired_t_interval(differences: Sequence[float], level: float = 0.95) -> tupl
         raise ValueError(f"Invalid level: only 0.95 is tabulated. Got: {level!r}.")
     d = np.asarray(differences, dtype=np.float64)
     if d.ndim != 1 or d.size < 2 or not np.isfinite(d).all():
-        raise ValueError(f"Invalid differences: we expect >= 2 finite numbers. Got: {d.tolist()!r}.")
+        raise ValueError(
+            f"Invalid differences: we expect >= 2 finite numbers. Got: {d.tolist()!r}."
+        )
     df = d.size - 1
     t = _T975[df - 1] if df <= len(_T975) else 1.960
     half = t * float(d.std(ddof=1)) / math.sqrt(d.size)
@@ -328,6 +391,39 @@ def bootstrap_interval(
     return float(d.mean()), float(low), float(high)
 
 
+def _by_arm_and_seed(rows: Sequence[dict]) -> dict[tuple[str, int], dict]:
+    return {(r["config"]["arm"], r["config"]["seed"]): r for r in rows}
+
+
+def paired_differences(
+    rows: Sequence[dict], arm: str, baseline: str = "ssi", metric: str = "relief_error"
+) -> dict[int, float]:
+    """``metric(arm) - metric(baseline)`` per seed, over the seeds that both arms have.
+
+    Examples:
+        >>> rows = [{"config": {"arm": a, "seed": s}, "metrics": {"relief_error": v}}
+        ...         for a, s, v in [("ssi", 0, 0.5), ("x", 0, 0.25), ("ssi", 1, 0.5)]]
+        >>> paired_differences(rows, "x")
+        {0: -0.25}
+    """
+    table = _by_arm_and_seed(rows)
+    seeds = sorted({s for a, s in table if a == arm} & {s for a, s in table if a == baseline})
+    return {
+        s: table[arm, s]["metrics"][metric] - table[baseline, s]["metrics"][metric] for s in seeds
+    }
+
+
+def scene_differences(rows: Sequence[dict], arm: str, baseline: str = "ssi") -> np.ndarray:
+    """Per test scene, the primary metric of ``arm`` minus ``baseline``, averaged over the paired seeds."""
+    table = _by_arm_and_seed(rows)
+    seeds = sorted({s for a, s in table if a == arm} & {s for a, s in table if a == baseline})
+    if not seeds:
+        raise ValueError(f"Invalid arm: no seed has both {arm!r} and {baseline!r}.")
+    diff = [np.asarray(table[arm, s]["relief_per_scene"]) - np.asarray(table[baseline, s]["relief_per_scene"])
+            for s in seeds]  # fmt: skip
+    return np.mean(diff, axis=0)
+
+
 def verdict(low: float, high: float) -> str:
     """The pre-registered reading of an interval of ``X - SSI`` for the primary metric.
 
@@ -352,7 +448,9 @@ def _plan(arms: Sequence[str], seeds: Sequence[int], base: RunConfig) -> list[Ru
 
 def _parser() -> argparse.ArgumentParser:
     d = RunConfig()
-    p = argparse.ArgumentParser(prog="python -m hdn.toy.experiments.fine_detail", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m hdn.toy.experiments.fine_detail", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=d.steps)
@@ -363,7 +461,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base", type=int, default=d.base)
     p.add_argument("--test-scenes", type=int, default=d.test_scenes)
     p.add_argument("--out", default=str(RESULTS), help="JSONL file the rows are appended to")
-    p.add_argument("--shard", default="0/1", help="I/N: run every N-th run of the plan, from the I-th")
+    p.add_argument(
+        "--shard", default="0/1", help="I/N: run every N-th run of the plan, from the I-th"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     return p
 
@@ -375,7 +475,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         shard, shards = (int(x) for x in args.shard.split("/"))
         assert 0 <= shard < shards
     except (ValueError, AssertionError):
-        raise ValueError(f"Invalid shard: we expect I/N with 0 <= I < N. Got: {args.shard!r}.") from None
+        raise ValueError(
+            f"Invalid shard: we expect I/N with 0 <= I < N. Got: {args.shard!r}."
+        ) from None
     torch.set_num_threads(args.threads)
     base = RunConfig(steps=args.steps, size=args.size, pool=args.pool, batch_size=args.batch_size,
                      lr=args.lr, base=args.base, test_scenes=args.test_scenes)  # fmt: skip
