@@ -21,9 +21,9 @@ def batch():
 
 def test_relief_error_is_zero_for_affine_predictions_and_one_for_flat(batch):
     d, near = batch["depth"].double(), batch["near"]
-    assert float(relief_error(-0.5 * d + 3.0, d, near)) < 1e-9  # negative scale too: s is fitted
+    assert float(relief_error(-0.5 * d + 3.0, d, near)) < 1e-6  # negative scale too: s is fitted
     assert float(relief_error(torch.ones_like(d), d, near)) == pytest.approx(1.0)
-    assert float(relief_error(batch["smooth"].double(), d, near)) == pytest.approx(1.0, abs=1e-9)
+    assert float(relief_error(batch["smooth"].double(), d, near)) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_relief_error_ignores_scale_and_shift_of_the_labels(batch):
@@ -166,7 +166,11 @@ def test_interior_labels_erode_each_object_separately():
     lab[..., :, 6:] = 1  # touching objects: the seam is removed from both
     inner = fd.interior_labels(lab, 1)
     assert set(inner[inner >= 0].unique().tolist()) == {0, 1}
-    assert (inner[..., :, 4:8] == -1).all() and (inner[..., 0, :] == -1).all()
+    assert (
+        (inner[..., :, 5:7] == -1).all()
+        and (inner[..., 1:-1, 4] == 0).all()
+        and (inner[..., 0, :] == -1).all()
+    )
 
 
 def test_every_arm_loss_is_zero_for_an_affine_prediction_and_positive_otherwise():
