@@ -1,4 +1,4 @@
-r"""Zero-shot depth evaluation metrics: AbsRel, delta accuracy, RMSE and a fine-detail error.
+r"""Zero-shot depth evaluation metrics: AbsRel, delta accuracy, RMSE and two fine-detail errors.
 
 The protocol of MiDaS and HDN: align the prediction to the ground truth by a per-image
 least-squares scale and shift (in depth or in inverse depth, chosen explicitly), then
@@ -21,6 +21,7 @@ __all__ = [
     "abs_rel",
     "delta_accuracy",
     "fine_detail_error",
+    "relief_error",
     "rmse",
     "zero_shot_metrics",
 ]
@@ -376,3 +377,229 @@ def fine_detail_error(
     per_image = per_image / m.clamp(min=1).to(per_image.dtype)
     used = m >= 2
     return torch.where(used, per_image, 0.0).sum() / used.sum()
+
+
+# --------------------------------------------------------------------------- relief error
+
+
+def _components(near: Tensor) -> Tensor:
+    """4-connected components of a bool ``(B, H, W)`` map: labels ``0..`` per image, -1 outside.
+
+    Label propagation: every pixel of ``near`` starts with its own index and repeatedly takes
+    the largest index among its 4-neighbours in ``near`` until nothing changes.
+    """
+    B, H, W = near.shape
+    index = torch.arange(1, H * W + 1, device=near.device).view(1, H, W).expand(B, H, W)
+    lab = torch.where(near, index, 0)
+    while True:
+        padded = torch.nn.functional.pad(lab, (1, 1, 1, 1))
+        neighbours = torch.stack(
+            [lab, padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]]
+        )
+        new = torch.where(near, neighbours.amax(dim=0), 0)
+        if torch.equal(new, lab):
+            break
+        lab = new
+    out = torch.full_like(lab, -1)
+    for b in range(B):
+        ids = lab[b][lab[b] > 0]
+        if ids.numel():
+            _, compact = torch.unique(ids, return_inverse=True)
+            out[b][lab[b] > 0] = compact
+    return out
+
+
+def _erode_labels(labels: Tensor, radius: int) -> Tensor:
+    """Keep a labelled pixel only if its whole ``(2 radius + 1)^2`` window carries the same label."""
+    if radius == 0:
+        return labels
+    k = 2 * radius + 1
+    padded = torch.nn.functional.pad(labels[:, None].double(), (radius,) * 4, value=-1.0)
+    high = torch.nn.functional.max_pool2d(padded, k, stride=1)[:, 0]
+    low = -torch.nn.functional.max_pool2d(-padded, k, stride=1)[:, 0]
+    keep = (high == low) & (labels >= 0)
+    return torch.where(keep, labels, -1)
+
+
+def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def _blur_within(x: Tensor, region: Tensor, sigma: float) -> Tensor:
+    """Normalised Gaussian blur of ``x`` ``(K, H, W)`` using the pixels of ``region`` only."""
+    kernel = _gaussian_kernel(sigma, x.dtype, x.device)
+    r = (kernel.numel() - 1) // 2
+
+    def blur(y: Tensor) -> Tensor:
+        y = y[:, None]
+        y = torch.nn.functional.conv2d(y, kernel.view(1, 1, 1, -1), padding=(0, r))
+        y = torch.nn.functional.conv2d(y, kernel.view(1, 1, -1, 1), padding=(r, 0))
+        return y[:, 0]
+
+    weight = region.to(x.dtype)
+    num = blur(torch.where(region, x, 0.0))
+    den = blur(weight).clamp(min=torch.finfo(x.dtype).tiny)
+    return num / den
+
+
+def _detrend(x: Tensor, region: Tensor) -> Tensor:
+    """``x`` minus its least-squares plane ``a + b u + c v`` over ``region``, per map ``(K, H, W)``."""
+    _, H, W = x.shape
+    v, u = torch.meshgrid(
+        torch.arange(H, dtype=x.dtype, device=x.device),
+        torch.arange(W, dtype=x.dtype, device=x.device),
+        indexing="ij",
+    )
+    basis = torch.stack([torch.ones_like(u), u - (W - 1) / 2, v - (H - 1) / 2])  # (3, H, W)
+    w = region.to(x.dtype)
+    gram = torch.einsum("khw,ahw,bhw->kab", w, basis, basis)
+    rhs = torch.einsum("khw,ahw->ka", w * x, basis)
+    gram = gram + 1e-9 * torch.eye(3, dtype=x.dtype, device=x.device)
+    coef = torch.linalg.solve(gram, rhs)
+    return x - torch.einsum("ka,ahw->khw", coef, basis)
+
+
+def _high_pass(x: Tensor, region: Tensor, sigma: float) -> Tensor:
+    """``h(x) = y - G_sigma *_region y`` with ``y`` = ``x`` minus its plane over ``region``."""
+    y = torch.where(region, _detrend(x, region), 0.0)
+    return torch.where(region, y - _blur_within(y, region, sigma), 0.0)
+
+
+def relief_error(
+    pred: Tensor,
+    target: Tensor,
+    near: Tensor,
+    mask: Tensor | None = None,
+    *,
+    sigma: float = 2.0,
+    erode: int = 2,
+    min_pixels: int = 9,
+    reduction: Literal["mean", "none"] = "mean",
+) -> Tensor:
+    r"""Per-object relief error: how much of each near object's fine relief the prediction misses.
+
+    Each 4-connected component of ``near & valid`` is one object. Its interior :math:`E_o`
+    is the component eroded by ``erode`` pixels (a pixel stays if its whole
+    :math:`(2e+1)^2` window lies in the component), so that the object's outline, which
+    any loss learns, does not count. Inside :math:`E_o` alone the prediction is aligned to
+    the ground truth by least squares, both are high-passed by a Gaussian of ``sigma``
+    pixels normalised to :math:`E_o` (:math:`G_\sigma *_{E} x = G_\sigma * (x 1_E) / G_\sigma * 1_E`),
+    and the residual relief is measured relative to the object's own relief (the high-pass
+    first removes the least-squares plane of :math:`x` over :math:`E_o`, :math:`\pi_o(x)`, so
+    that a tilted flat surface has no relief even at the interior's border):
+
+    .. math::
+
+        h(x) = y - G_\sigma *_{E_o} y,\; y = x - \pi_o(x), \qquad
+        e_o = rac{\lVert h(s_o p + t_o) - h(g) 
+Vert_{E_o}}{\lVert h(g) 
+Vert_{E_o}}, \qquad
+        (s_o, t_o) = rg\min_{s,t} \sum_{i \in E_o} (s\,p_i + t - g_i)^2 .
+
+    So :math:`e_o = 0` for a prediction affine to the ground truth on the object and
+    :math:`e_o = 1` for a flat one (a constant or a plane); it is
+    independent of any positive scale and shift of ``target`` (depth or disparity-like labels
+    give the same value when they are affine to each other). Objects with fewer than
+    ``min_pixels`` interior pixels or without relief (:math:`\lVert h(g) 
+Vert = 0`) are
+    skipped. An image's error is the mean of its objects' :math:`e_o`; the batch error
+    (``reduction="mean"``) is the mean over the images that have at least one object.
+
+    A pixel is valid if ``mask`` is True and the target is finite. Computed in float64.
+
+    Args:
+        pred: prediction, :math:`(B, 1, H, W)` or :math:`(B, H, W)`.
+        target: ground truth (depth, or anything affine to it on each object), same shape.
+        near: bool map of near-object pixels, same shape.
+        mask: bool validity mask, same shape, or None.
+        sigma: high-pass scale in pixels, > 0.
+        erode: erosion radius in pixels, >= 0.
+        min_pixels: smallest interior that counts as an object, >= 2.
+        reduction: ``"mean"`` (0-dim tensor) or ``"none"`` (``(B,)``, NaN for images without
+            an object).
+
+    Returns:
+        float64 tensor; NaN for ``"mean"`` if no image has an object.
+
+    Examples:
+        >>> y, x = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+        >>> g = 2.0 + 0.05 * torch.sin(x) * torch.cos(y)
+        >>> near = torch.ones(1, 16, 16, dtype=torch.bool)
+        >>> round(float(relief_error(3 * g[None] - 1, g[None], near)), 4)
+        0.0
+        >>> float(relief_error(torch.ones(1, 16, 16), g[None], near))
+        1.0
+    """
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+        raise ValueError(f"Invalid sigma: we expect a number > 0. Got: {sigma!r}.")
+    for name, value, low in (("erode", erode, 0), ("min_pixels", min_pixels, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"Invalid {name}: we expect an int >= {low}. Got: {value!r}.")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"Invalid reduction: we expect 'mean' or 'none'. Got: {reduction!r}.")
+    if not isinstance(pred, Tensor) or pred.dim() not in (3, 4) or (pred.dim() == 4 and pred.shape[1] != 1):
+        got = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
+        raise ValueError(f"Invalid pred shape, we expect (B, 1, H, W) or (B, H, W). Got: {got}")
+    shape = pred.shape[-2:]
+    B = pred.shape[0]
+
+    def bhw(x: Tensor | None, name: str) -> Tensor | None:
+        if x is None:
+            return None
+        if not isinstance(x, Tensor) or x.numel() != B * shape[0] * shape[1]:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"Invalid {name} shape, we expect that of pred {tuple(pred.shape)}. Got: {got}")
+        return x.reshape(B, *shape)
+
+    p = bhw(pred, "pred").detach().double()
+    g = bhw(target, "target").detach().double()
+    near_b = bhw(near, "near")
+    if near_b.dtype != torch.bool:
+        raise ValueError(f"Invalid near: we expect a bool tensor. Got: {near_b.dtype}.")
+    valid = torch.isfinite(g) & torch.isfinite(p)
+    m = bhw(mask, "mask")
+    if m is not None:
+        valid = valid & m.bool()
+    labels = _erode_labels(_components(near_b & valid), erode)
+    errors = torch.full((B,), math.nan, dtype=torch.float64, device=p.device)
+    regions, owners = [], []
+    for b in range(B):
+        for k in range(int(labels[b].max()) + 1):
+            region = labels[b] == k
+            if int(region.sum()) >= min_pixels:
+                regions.append(region)
+                owners.append(b)
+    if regions:
+        region = torch.stack(regions)
+        owner = torch.tensor(owners, device=p.device)
+        pk = torch.where(region, p[owner], 0.0)
+        gk = torch.where(region, g[owner], 0.0)
+        w = region.double()
+        n = w.sum(dim=(1, 2))
+        mp = pk.sum(dim=(1, 2)) / n
+        mg = gk.sum(dim=(1, 2)) / n
+        dp = torch.where(region, pk - mp[:, None, None], 0.0)
+        dg = torch.where(region, gk - mg[:, None, None], 0.0)
+        var = (dp * dp).sum(dim=(1, 2))
+        cov = (dp * dg).sum(dim=(1, 2))
+        flat = var <= 1e-24 * n * (mp.abs() + 1).square()
+        s = torch.where(flat, 0.0, cov / torch.where(flat, 1.0, var))
+        hp = _high_pass(pk, region, float(sigma))
+        hg = _high_pass(gk, region, float(sigma))
+        res = torch.where(region, s[:, None, None] * hp - hg, 0.0)
+        ref = torch.where(region, hg, 0.0)
+        num = res.square().sum(dim=(1, 2)).sqrt()
+        den = ref.square().sum(dim=(1, 2)).sqrt()
+        has_relief = den > 1e-12 * (mg.abs() + 1) * n.sqrt()
+        e = num / torch.where(has_relief, den, 1.0)
+        for b in range(B):
+            sel = (owner == b) & has_relief
+            if bool(sel.any()):
+                errors[b] = e[sel].mean()
+    if reduction == "none":
+        return errors
+    used = ~torch.isnan(errors)
+    return errors[used].mean() if bool(used.any()) else torch.tensor(math.nan, dtype=torch.float64)

@@ -1,0 +1,502 @@
+"""Does HDN keep fine near detail? A pre-registered ablation on scenes with learnable relief.
+
+The experiment of notebook 06. One command makes every committed row::
+
+    python -m hdn.toy.experiments.fine_detail --shard 0/2 &   # two single-thread workers
+    python -m hdn.toy.experiments.fine_detail --shard 1/2
+
+Each run (an arm x a seed) trains :class:`hdn.toy.models.UNet` on scenes of
+:mod:`hdn.toy.relief` and appends one JSON row (configuration, metrics, per-test-scene primary
+metric, gradient shares, wall time, host, torch version, git commit) to
+``hdn/toy/experiments/results/fine_detail.jsonl``. The command is resumable: a run whose row is
+already in the file is skipped. Runs are ordered seed by seed, so an interrupted sweep leaves
+complete pairs.
+
+Pre-registration (fixed before the comparison ran; notebook 06 repeats it):
+
+- **Arms.** ``ssi`` (image-level SSI), ``hdn-dr``, ``hdn-dp``, ``hdn-ds`` (:func:`hdn.hdn_loss`,
+  ``L = 3`` levels as in notebook 05 and the paper's default), and the **positive control**
+  ``object``: SSI over the whole image plus SSI over each near object's eroded interior
+  (label contexts, :func:`hdn.contexts_loss`), a loss that certainly rewards the relief.
+  Random-context variants are left out of this experiment.
+- **Seeds** 0-4 for every arm; the seed fixes the initialisation, the training pool and the
+  batch order, so arms are paired by seed.
+- **Training.** 32 x 32 scenes, a pool of 1024 training scenes per seed drawn at run time,
+  batch 8, Adam, learning rate 2e-3 with cosine decay to 0 over 600 steps, one CPU thread
+  (sized to the compute budget: 25 runs in about 25 minutes on two shared cores).
+- **Test set.** 128 scenes with seeds ``(999, i)``, the same for every run.
+- **Primary metric.** :func:`hdn.metrics.relief_error` (sigma 2 px, erosion 2 px) on metric
+  depth: 0 = the near objects' relief exact, 1 = flat.
+- **Secondary metrics.** AbsRel and delta_1 after image-level least-squares alignment in depth,
+  and notebook 05's :func:`hdn.metrics.fine_detail_error`.
+- **Decision rule.** For each HDN arm X, the per-seed paired difference
+  ``relief_error(X) - relief_error(SSI)``: "X keeps finer near detail than SSI" if the mean
+  over the 5 seeds is < 0 and its 95 % t-interval excludes 0; "X loses near detail" if > 0
+  with an interval that excludes 0; otherwise "no difference shown". A bootstrap interval
+  over the test scenes (seed-averaged per scene) is reported alongside, as a second view of
+  the same difference; it does not decide. The positive control must reach a primary metric
+  below 0.5 in every seed, or the setting cannot answer the question.
+- **Gradient link (notebook 04).** At a few steps the share of ``sum |dL/dp|`` inside the
+  eroded near objects is logged, with the share of pixels there (what a uniform gradient
+  would give).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hdn import contexts as _contexts
+from hdn.losses import contexts_loss, hdn_loss, ssi_loss
+from hdn.metrics import fine_detail_error, relief_error, zero_shot_metrics
+from hdn.toy.models import UNet
+from hdn.toy.relief import make_relief_batch
+
+__all__ = [
+    "ARMS",
+    "RESULTS",
+    "RunConfig",
+    "bootstrap_interval",
+    "calibration_ladder",
+    "interior_labels",
+    "load_rows",
+    "main",
+    "make_arm_loss",
+    "make_test_set",
+    "paired_differences",
+    "paired_t_interval",
+    "run",
+    "scene_differences",
+    "verdict",
+]
+
+#: Arms of the experiment, the positive control ``object`` last.
+ARMS = ("ssi", "hdn-dr", "hdn-dp", "hdn-ds", "object")
+
+#: The committed results (package data).
+RESULTS = Path(__file__).resolve().parent / "results" / "fine_detail.jsonl"
+
+TEST_SEED = 999
+TEST_SCENES = 128
+SIGMA, ERODE = 2.0, 2
+
+# Two-sided 95 % Student-t quantiles t_{0.975, df}, df = 1..30 (standard tables).
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run of the sweep (plain values, so that it round-trips through JSON)."""
+
+    arm: str = "ssi"
+    seed: int = 0
+    steps: int = 600
+    size: int = 32
+    pool: int = 1024
+    batch_size: int = 8
+    lr: float = 2e-3
+    base: int = 16
+    levels: int = 3
+    test_scenes: int = TEST_SCENES
+    log_steps: int = 4
+
+    def __post_init__(self) -> None:
+        if self.arm not in ARMS:
+            raise ValueError(f"Invalid arm: we expect one of {ARMS}. Got: {self.arm!r}.")
+        for name in (
+            "seed",
+            "steps",
+            "size",
+            "pool",
+            "batch_size",
+            "base",
+            "levels",
+            "test_scenes",
+            "log_steps",
+        ):
+            value = getattr(self, name)
+            low = 0 if name in ("seed", "steps") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Invalid {name}: we expect an int >= {low}. Got: {value!r}.")
+        if self.size % 8:
+            raise ValueError(
+                f"Invalid size: we expect a multiple of 8 (U-Net depth 3). Got: {self.size}."
+            )
+        if not self.lr > 0:
+            raise ValueError(f"Invalid lr: we expect a number > 0. Got: {self.lr!r}.")
+
+    def key(self) -> str:
+        """Identifies the run in the results file (every option that changes what it computes)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def interior_labels(labels: Tensor, radius: int = ERODE) -> Tensor:
+    """Object labels eroded by ``radius`` px: a pixel keeps its label if its whole window has it.
+
+    Examples:
+        >>> lab = torch.full((1, 1, 7, 7), -1); lab[..., 1:6, 1:6] = 0
+        >>> int((interior_labels(lab, 1) >= 0).sum())
+        9
+    """
+    if radius == 0:
+        return labels.clone()
+    k = 2 * radius + 1
+    x = labels.reshape(-1, 1, *labels.shape[-2:]).double()
+    padded = torch.nn.functional.pad(x, (radius,) * 4, value=-1.0)
+    high = torch.nn.functional.max_pool2d(padded, k, stride=1)
+    low = -torch.nn.functional.max_pool2d(-padded, k, stride=1)
+    keep = (high == low) & (x >= 0)
+    return torch.where(keep, x, -1.0).to(labels.dtype).reshape(labels.shape)
+
+
+def make_arm_loss(arm: str, levels: int = 3):
+    """The loss of ``arm`` as ``loss(pred, gt, labels) -> scalar``; ``labels`` are object ids (-1: none).
+
+    Examples:
+        >>> g = torch.rand(2, 1, 16, 16) + 1
+        >>> lab = torch.full((2, 1, 16, 16), -1); lab[..., 4:12, 4:12] = 0
+        >>> [round(float(make_arm_loss(a)(2 * g + 1, g, lab)), 4) for a in ARMS]
+        [0.0, 0.0, 0.0, 0.0, 0.0]
+    """
+    if arm == "ssi":
+        return lambda pred, gt, labels: ssi_loss(pred, gt)
+    if arm in ("hdn-dr", "hdn-dp", "hdn-ds"):
+        return lambda pred, gt, labels: hdn_loss(pred, gt, context=arm[-2:], levels=levels)
+    if arm == "object":
+
+        def loss(pred: Tensor, gt: Tensor, labels: Tensor) -> Tensor:
+            inner = interior_labels(labels)[:, 0]
+            contexts = _contexts.from_labels([torch.zeros_like(inner), inner])
+            return contexts_loss(pred, gt, None, contexts)
+
+        return loss
+    raise ValueError(f"Invalid arm: we expect one of {ARMS}. Got: {arm!r}.")
+
+
+def calibration_ladder(
+    batch: dict[str, Tensor], noise: float = 0.005, seed: int = 0
+) -> dict[str, Tensor]:
+    """Predictions of known quality for :func:`hdn.metrics.relief_error`, best first (notebook 05's ladder).
+
+    ``exact`` (the depth), ``log depth`` (monotone, nearly affine on an object), ``noisy``
+    (depth + Gaussian noise of ``noise`` m), ``box blur 3/5/9`` (k x k mean filter, which also
+    smears the background into the objects' borders), ``relief removed`` (the objects' planes
+    without relief) and ``flat`` (a constant).
+    """
+    depth = batch["depth"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def box(x: Tensor, k: int) -> Tensor:
+        padded = torch.nn.functional.pad(x, (k // 2,) * 4, mode="replicate")
+        return torch.nn.functional.avg_pool2d(padded, k, stride=1)
+
+    return {
+        "exact": depth,
+        "log depth": depth.log(),
+        "noisy": depth + noise * torch.randn(depth.shape, generator=gen),
+        "box blur 3": box(depth, 3),
+        "box blur 5": box(depth, 5),
+        "box blur 9": box(depth, 9),
+        "relief removed": batch["smooth"],
+        "flat": torch.ones_like(depth),
+    }
+
+
+def make_test_set(config: RunConfig) -> dict[str, Tensor]:
+    """The fixed test scenes ``(999, i)``, ``i < config.test_scenes``."""
+    return make_relief_batch([(TEST_SEED, i) for i in range(config.test_scenes)], config.size)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _interior_share(grad: Tensor, inner: Tensor) -> tuple[float, float]:
+    g = grad.detach().abs().double()
+    total = float(g.sum())
+    grad_share = float(g[inner].sum()) / total if total > 0 else math.nan
+    return grad_share, float(inner.double().mean())
+
+
+def run(config: RunConfig, progress: Iterable | None = None) -> dict:
+    """Train and evaluate one run; returns its JSON row (see the module docstring)."""
+    wall = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        pool = make_relief_batch([(config.seed, 1, i) for i in range(config.pool)], config.size)
+        model = UNet(base=config.base)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / max(config.steps, 1))),
+        )
+        loss_fn = make_arm_loss(config.arm, config.levels)
+        log_at = sorted(
+            {
+                1,
+                *(
+                    round(config.steps * k / config.log_steps)
+                    for k in range(1, config.log_steps + 1)
+                ),
+            }
+        )
+        shares, history = [], []
+        start = time.perf_counter()
+        for step in range(config.steps):
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            index = torch.randint(0, config.pool, (config.batch_size,), generator=gen)
+            rgb, gt, labels = pool["rgb"][index], pool["gt"][index], pool["labels"][index]
+            pred = model(rgb)
+            pred.retain_grad()
+            loss = loss_fn(pred, gt, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if step + 1 in log_at:
+                grad_share, pixel_share = _interior_share(pred.grad, interior_labels(labels) >= 0)
+                shares.append({"step": step + 1, "near_interior_grad_share": grad_share,
+                               "near_interior_pixel_share": pixel_share})  # fmt: skip
+            optimizer.step()
+            schedule.step()
+            history.append(float(loss.detach()))
+        train_time = time.perf_counter() - start
+        model.eval()
+        test = make_test_set(config)
+        with torch.no_grad():
+            pred = torch.cat(
+                [model(test["rgb"][i : i + 64]) for i in range(0, config.test_scenes, 64)]
+            )
+    depth, near = test["depth"], test["near"]
+    per_scene = relief_error(pred, depth, near, sigma=SIGMA, erode=ERODE, reduction="none")
+    zs = zero_shot_metrics(pred, depth, None, space="depth")
+    metrics = {
+        "relief_error": float(per_scene[~torch.isnan(per_scene)].mean()),
+        "abs_rel": zs["abs_rel"],
+        "delta1": zs["delta1"],
+        "fine_detail_error": float(fine_detail_error(pred, depth, None, space="depth")),
+        "train_loss_last50": float(np.mean(history[-50:])) if history else math.nan,
+    }
+    return {
+        "key": config.key(),
+        "config": asdict(config),
+        "metrics": metrics,
+        "relief_per_scene": [round(float(v), 6) for v in per_scene],
+        "grad_share": shares,
+        "train_time_s": round(train_time, 2),
+        "wall_time_s": round(time.perf_counter() - wall, 2),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "host": platform.node(),
+        "device": "cpu",
+        "git_commit": _git_commit(),
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def load_rows(
+    path: str | os.PathLike | None = None, *, name: str = "fine_detail.jsonl"
+) -> list[dict]:
+    """The rows of a results file; default: the committed results file ``name`` (package data,
+    read through importlib.resources: ``fine_detail.jsonl``, or ``fine_detail_pilot.jsonl`` for the
+    positive-control pilot). A ``path`` that does not exist gives no rows."""
+    if path is None:
+        from importlib.resources import files
+
+        text = files("hdn.toy.experiments").joinpath("results", name).read_text()
+    else:
+        p = Path(path)
+        text = p.read_text() if p.exists() else ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _append(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def paired_t_interval(
+    differences: Sequence[float], level: float = 0.95
+) -> tuple[float, float, float]:
+    """Mean of paired differences and its two-sided 95 % Student-t interval ``(mean, low, high)``.
+
+    Examples:
+        >>> [round(x, 3) for x in paired_t_interval([-0.1, -0.2, -0.15, -0.12, -0.18])]
+        [-0.15, -0.201, -0.099]
+    """
+    if level != 0.95:
+        raise ValueError(f"Invalid level: only 0.95 is tabulated. Got: {level!r}.")
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 1 or d.size < 2 or not np.isfinite(d).all():
+        raise ValueError(
+            f"Invalid differences: we expect >= 2 finite numbers. Got: {d.tolist()!r}."
+        )
+    df = d.size - 1
+    t = _T975[df - 1] if df <= len(_T975) else 1.960
+    half = t * float(d.std(ddof=1)) / math.sqrt(d.size)
+    mean = float(d.mean())
+    return mean, mean - half, mean + half
+
+
+def bootstrap_interval(
+    differences: Sequence[float], resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of per-scene differences and a 95 % percentile bootstrap interval over the scenes.
+
+    NaN entries (scenes without an object) are dropped first. Deterministic for a given ``seed``.
+
+    Examples:
+        >>> m, lo, hi = bootstrap_interval([0.1] * 10)
+        >>> round(m, 3), round(lo, 3), round(hi, 3)
+        (0.1, 0.1, 0.1)
+    """
+    d = np.asarray(differences, dtype=np.float64)
+    d = d[~np.isnan(d)]
+    if d.ndim != 1 or d.size < 2:
+        raise ValueError(f"Invalid differences: we expect >= 2 numbers. Got: {d.size}.")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 100:
+        raise ValueError(f"Invalid resamples: we expect an int >= 100. Got: {resamples!r}.")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    means = d[rng.integers(0, d.size, (resamples, d.size))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(d.mean()), float(low), float(high)
+
+
+def _by_arm_and_seed(rows: Sequence[dict]) -> dict[tuple[str, int], dict]:
+    return {(r["config"]["arm"], r["config"]["seed"]): r for r in rows}
+
+
+def paired_differences(
+    rows: Sequence[dict], arm: str, baseline: str = "ssi", metric: str = "relief_error"
+) -> dict[int, float]:
+    """``metric(arm) - metric(baseline)`` per seed, over the seeds that both arms have.
+
+    Examples:
+        >>> rows = [{"config": {"arm": a, "seed": s}, "metrics": {"relief_error": v}}
+        ...         for a, s, v in [("ssi", 0, 0.5), ("x", 0, 0.25), ("ssi", 1, 0.5)]]
+        >>> paired_differences(rows, "x")
+        {0: -0.25}
+    """
+    table = _by_arm_and_seed(rows)
+    seeds = sorted({s for a, s in table if a == arm} & {s for a, s in table if a == baseline})
+    return {
+        s: table[arm, s]["metrics"][metric] - table[baseline, s]["metrics"][metric] for s in seeds
+    }
+
+
+def scene_differences(rows: Sequence[dict], arm: str, baseline: str = "ssi") -> np.ndarray:
+    """Per test scene, the primary metric of ``arm`` minus ``baseline``, averaged over the paired seeds."""
+    table = _by_arm_and_seed(rows)
+    seeds = sorted({s for a, s in table if a == arm} & {s for a, s in table if a == baseline})
+    if not seeds:
+        raise ValueError(f"Invalid arm: no seed has both {arm!r} and {baseline!r}.")
+    diff = [np.asarray(table[arm, s]["relief_per_scene"]) - np.asarray(table[baseline, s]["relief_per_scene"])
+            for s in seeds]  # fmt: skip
+    return np.mean(diff, axis=0)
+
+
+def verdict(low: float, high: float) -> str:
+    """The pre-registered reading of an interval of ``X - SSI`` for the primary metric.
+
+    Examples:
+        >>> verdict(-0.3, -0.1), verdict(-0.1, 0.2), verdict(0.05, 0.2)
+        ('keeps finer near detail', 'no difference shown', 'loses near detail')
+    """
+    if high < 0:
+        return "keeps finer near detail"
+    if low > 0:
+        return "loses near detail"
+    return "no difference shown"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _plan(arms: Sequence[str], seeds: Sequence[int], base: RunConfig) -> list[RunConfig]:
+    fields = {k: v for k, v in asdict(base).items() if k not in ("arm", "seed")}
+    return [RunConfig(arm=a, seed=s, **fields) for s in seeds for a in arms]
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = RunConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m hdn.toy.experiments.fine_detail", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--size", type=int, default=d.size)
+    p.add_argument("--pool", type=int, default=d.pool)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--base", type=int, default=d.base)
+    p.add_argument("--test-scenes", type=int, default=d.test_scenes)
+    p.add_argument("--out", default=str(RESULTS), help="JSONL file the rows are appended to")
+    p.add_argument(
+        "--shard", default="0/1", help="I/N: run every N-th run of the plan, from the I-th"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Run the planned runs that are not yet in ``--out``; returns the new rows."""
+    args = _parser().parse_args(argv)
+    try:
+        shard, shards = (int(x) for x in args.shard.split("/"))
+        assert 0 <= shard < shards
+    except (ValueError, AssertionError):
+        raise ValueError(
+            f"Invalid shard: we expect I/N with 0 <= I < N. Got: {args.shard!r}."
+        ) from None
+    torch.set_num_threads(args.threads)
+    base = RunConfig(steps=args.steps, size=args.size, pool=args.pool, batch_size=args.batch_size,
+                     lr=args.lr, base=args.base, test_scenes=args.test_scenes)  # fmt: skip
+    out = Path(args.out)
+    new = []
+    for i, config in enumerate(_plan(args.arms, args.seeds, base)):
+        if i % shards != shard:
+            continue
+        if config.key() in {row["key"] for row in load_rows(out)}:
+            print(f"skip {config.arm} seed {config.seed}: already in {out}", flush=True)
+            continue
+        row = run(config)
+        _append(out, row)
+        new.append(row)
+        m = row["metrics"]
+        print(f"{config.arm} seed {config.seed}: relief_error {m['relief_error']:.4f} "
+              f"abs_rel {m['abs_rel']:.4f} ({row['wall_time_s']:.0f} s)", flush=True)  # fmt: skip
+    return new
+
+
+if __name__ == "__main__":
+    main()

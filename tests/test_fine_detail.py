@@ -1,0 +1,232 @@
+"""The fine-detail experiment of notebook 06: relief metric, relief scenes, statistics, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hdn.metrics import relief_error
+from hdn.toy.experiments import fine_detail as fd
+from hdn.toy.relief import make_relief_batch, make_relief_scene
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_relief_batch([(7, i) for i in range(12)], size=32)
+
+
+def test_relief_error_is_zero_for_affine_predictions_and_one_for_flat(batch):
+    d, near = batch["depth"].double(), batch["near"]
+    assert float(relief_error(-0.5 * d + 3.0, d, near)) < 1e-6  # negative scale too: s is fitted
+    assert float(relief_error(torch.ones_like(d), d, near)) == pytest.approx(1.0)
+    assert float(relief_error(batch["smooth"].double(), d, near)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_relief_error_ignores_scale_and_shift_of_the_labels(batch):
+    d, near = batch["depth"].double(), batch["near"]
+    p = batch["depth"].double() + 0.01 * torch.randn(
+        d.shape, generator=torch.Generator().manual_seed(1)
+    )
+    a = relief_error(p, d, near, reduction="none")
+    b = relief_error(p, 4.0 * d - 2.0, near, reduction="none")
+    assert torch.allclose(a, b, atol=1e-9)
+
+
+def test_relief_error_ranks_the_calibration_ladder(batch):
+    errors = {
+        k: float(relief_error(v, batch["depth"], batch["near"]))
+        for k, v in fd.calibration_ladder(batch).items()
+    }
+    assert errors["exact"] < 1e-6
+    assert (
+        errors["exact"]
+        < errors["log depth"]
+        < errors["box blur 3"]
+        < errors["box blur 5"]
+        < errors["box blur 9"]
+    )
+    assert errors["log depth"] < 0.1 and errors["box blur 5"] < 1.0
+    assert errors["relief removed"] == pytest.approx(1.0) and errors["flat"] == pytest.approx(1.0)
+
+
+def test_relief_error_averages_objects_within_an_image():
+    y, x = torch.meshgrid(torch.arange(16.0), torch.arange(32.0), indexing="ij")
+    g = 2.0 + 0.05 * torch.sin(1.3 * x) * torch.cos(1.1 * y)
+    near = torch.zeros(16, 32, dtype=torch.bool)
+    near[:, :14] = True
+    near[:, 18:] = True  # two objects, 4 px apart
+    pred = torch.where(x < 16, g, torch.full_like(g, 2.0))  # left exact, right flat
+    assert float(relief_error(pred[None], g[None], near[None])) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_relief_error_gives_nan_for_images_without_objects():
+    g = torch.rand(2, 1, 16, 16) + 1
+    near = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    near[0, 0, 2:14, 2:14] = True
+    per_image = relief_error(g, g, near, reduction="none")
+    assert per_image.shape == (2,) and per_image[0] < 1e-6 and math.isnan(float(per_image[1]))
+    assert math.isnan(float(relief_error(g, g, torch.zeros_like(near))))
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"sigma": 0}, "sigma"),
+        ({"erode": -1}, "erode"),
+        ({"min_pixels": 1}, "min_pixels"),
+        ({"reduction": "sum"}, "reduction"),
+    ],
+)
+def test_relief_error_rejects_bad_options(kwargs, word):
+    g = torch.rand(1, 1, 8, 8)
+    with pytest.raises(ValueError, match=word):
+        relief_error(g, g, g > 0, **kwargs)
+
+
+def test_relief_error_rejects_a_non_bool_near_map_and_wrong_shapes():
+    g = torch.rand(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="near"):
+        relief_error(g, g, torch.ones(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="target"):
+        relief_error(g, torch.rand(1, 1, 8, 9), g > 0)
+
+
+def test_relief_scenes_are_deterministic_by_seed():
+    a, b, c = (
+        make_relief_scene((3, 1), 32),
+        make_relief_scene((3, 1), 32),
+        make_relief_scene((3, 2), 32),
+    )
+    for name in ("rgb", "depth", "smooth", "near", "labels", "gt"):
+        assert np.array_equal(getattr(a, name), getattr(b, name))
+    assert not np.array_equal(a.depth, c.depth)
+
+
+def test_relief_scene_objects_are_separate_near_components_with_relief():
+    for i in range(20):
+        s = make_relief_scene((5, i), 32)
+        k = int(s.labels.max()) + 1
+        assert 1 <= k <= 2 and np.array_equal(s.near, s.labels >= 0)
+        assert (s.depth[s.near] < 4).all() and (s.depth[~s.near] > 15).all()
+        assert np.abs(s.depth - s.smooth)[s.near].max() > 0.02
+        if k == 2:  # the two objects never touch: a gap of at least one column
+            cols = [set(np.nonzero((s.labels == j).any(axis=0))[0]) for j in range(2)]
+            assert max(cols[0]) + 1 < min(cols[1])
+
+
+def test_relief_scene_can_have_disparity_labels():
+    s = make_relief_scene(0, 32, disparity_fraction=1.0)
+    assert s.disparity
+    corr = np.corrcoef(s.gt.ravel(), 1.0 / s.depth.ravel())[0, 1]
+    assert abs(corr) > 0.999
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"size": 8}, "size"),
+        ({"disparity_fraction": 2.0}, "disparity_fraction"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_relief_scene_rejects_bad_input(kwargs, word):
+    args = {"seed": 0, **kwargs}
+    with pytest.raises(ValueError, match=word):
+        make_relief_scene(**args)
+
+
+def test_paired_t_interval_matches_a_hand_computation():
+    d = [0.1, 0.3, 0.2, 0.4, 0.0]
+    mean, low, high = fd.paired_t_interval(d)
+    half = 2.776 * np.std(d, ddof=1) / math.sqrt(5)
+    assert (mean, low, high) == pytest.approx((0.2, 0.2 - half, 0.2 + half))
+    with pytest.raises(ValueError, match="differences"):
+        fd.paired_t_interval([1.0])
+
+
+def test_bootstrap_interval_is_deterministic_and_brackets_the_mean():
+    d = np.random.default_rng(0).normal(0.1, 0.05, 200).tolist() + [math.nan]
+    a, b = fd.bootstrap_interval(d, seed=3), fd.bootstrap_interval(d, seed=3)
+    assert a == b and a[1] < a[0] < a[2] and a[1] > 0
+
+
+def test_verdict_follows_the_pre_registered_rule():
+    assert fd.verdict(-0.2, -0.01) == "keeps finer near detail"
+    assert fd.verdict(-0.2, 0.01) == "no difference shown"
+    assert fd.verdict(0.01, 0.2) == "loses near detail"
+
+
+def test_interior_labels_erode_each_object_separately():
+    lab = torch.full((1, 1, 6, 12), -1)
+    lab[..., :, :6] = 0
+    lab[..., :, 6:] = 1  # touching objects: the seam is removed from both
+    inner = fd.interior_labels(lab, 1)
+    assert set(inner[inner >= 0].unique().tolist()) == {0, 1}
+    assert (
+        (inner[..., :, 5:7] == -1).all()
+        and (inner[..., 1:-1, 4] == 0).all()
+        and (inner[..., 0, :] == -1).all()
+    )
+
+
+def test_every_arm_loss_is_zero_for_an_affine_prediction_and_positive_otherwise():
+    b = make_relief_batch([(1, i) for i in range(2)], size=32)
+    for arm in fd.ARMS:
+        loss = fd.make_arm_loss(arm)
+        assert float(loss(2 * b["gt"] + 1, b["gt"], b["labels"])) < 1e-4
+        assert float(loss(b["smooth"], b["gt"], b["labels"])) > 0
+
+
+def test_cli_smoke_run_writes_rows_and_resumes(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    argv = ["--arms", "ssi", "object", "--seeds", "0", "--steps", "2", "--pool", "8",
+            "--test-scenes", "4", "--out", str(out)]  # fmt: skip
+    rows = fd.main(argv)
+    assert [r["config"]["arm"] for r in rows] == ["ssi", "object"]
+    stored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(stored) == 2 and stored[0]["config"]["steps"] == 2
+    for key in (
+        "metrics",
+        "relief_per_scene",
+        "grad_share",
+        "wall_time_s",
+        "torch",
+        "git_commit",
+        "host",
+    ):
+        assert key in stored[0]
+    assert len(stored[0]["relief_per_scene"]) == 4
+    assert [g["step"] for g in stored[0]["grad_share"]] == [1, 2]
+    assert fd.main(argv) == []  # resumable: nothing left to run
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_cli_rejects_a_bad_shard(tmp_path):
+    with pytest.raises(ValueError, match="shard"):
+        fd.main(["--shard", "2/2", "--out", str(tmp_path / "x.jsonl")])
+
+
+def _rows():
+    out = []
+    for arm, offset in (("ssi", 0.0), ("hdn-dr", -0.1)):
+        for seed in range(3):
+            per_scene = [0.5 + offset + 0.01 * seed, 0.7 + offset, math.nan]
+            out.append({"config": {"arm": arm, "seed": seed}, "relief_per_scene": per_scene,
+                        "metrics": {"relief_error": float(np.nanmean(per_scene))}})  # fmt: skip
+    return out
+
+
+def test_paired_differences_pair_by_seed():
+    d = fd.paired_differences(_rows()[:-1], "hdn-dr")  # seed 2 of hdn-dr missing
+    assert list(d) == [0, 1] and all(v == pytest.approx(-0.1) for v in d.values())
+
+
+def test_scene_differences_average_over_seeds_and_keep_nan_scenes():
+    d = fd.scene_differences(_rows(), "hdn-dr")
+    assert d[:2] == pytest.approx([-0.1, -0.1]) and math.isnan(d[2])
+    with pytest.raises(ValueError, match="arm"):
+        fd.scene_differences(_rows(), "hdn-ds")
