@@ -332,6 +332,10 @@ class ContextExplorer:
         self._counts: dict[tuple[str, int], int] = {}
         self._sizes: dict[tuple[str, int], list[int]] = {}
         self._live: dict[bool, tuple[_ContextPanels, LiveFigure]] = {}  # one figure per zoom mode
+        for k in kinds:  # every level up front (one thread: a few tens of ms each), so no move computes
+            for lvl in range(levels):
+                self.normalized(k, lvl)
+                self._size(k, lvl, 0)
 
         self.kind = widgets.Dropdown(
             options=[(CONTEXT_TITLES[k], k) for k in kinds], value=kinds[0], description="contexts"
@@ -541,14 +545,14 @@ class _ContextPanels:
         """What :meth:`update` can change, in drawing order (for :class:`~hdn.workbook._live.LiveFigure`)."""
         axes = self.axes
         maps = [self.g_image] if self.loss_image is None else [self.g_image, self.loss_image]
-        artists = [self.overlay, *self.grid_lines, *_legends(axes[0])]
+        artists = [self.overlay, *self.grid_lines, *axes[0].spines.values(), *_legends(axes[0])]
         for image in maps:
             if self.zoom:  # limits and ticks change with the cell
                 artists.append(image.axes)
             else:  # the image, the legend above it and the title change
-                artists += [image, *_legends(image.axes), image.axes.title]
+                artists += [image, *image.axes.spines.values(), *_legends(image.axes), image.axes.title]
             artists.append(image.colorbar.ax)
-        return [*artists, *self.bars, *self.edge_lines, self.legend, self.suptitle]
+        return [*artists, *self.bars, *self.edge_lines, *axes[2].spines.values(), self.legend, self.suptitle]
 
     def update(self, kind: str, level: int, index: int) -> None:
         """Show another context (a kind of the same zoom mode: DS, or DR / DP)."""

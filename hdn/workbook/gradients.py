@@ -663,7 +663,8 @@ class _DescentPanels:
     def dynamic(self) -> list:
         """What :meth:`update` changes, in drawing order (for :class:`~hdn.workbook._live.LiveFigure`)."""
         legend = self.ax_map.get_legend()
-        return [self.image, *([] if legend is None else [legend]), self.ax_map.title, self.ax_curve]
+        return [self.image, *self.ax_map.spines.values(), *([] if legend is None else [legend]), self.ax_map.title,
+                self.ax_curve]
 
     def update(self, loss: str, level: int, step: int) -> None:
         """Show another (loss, level, step)."""

@@ -220,6 +220,9 @@ class LevelExplorer:
         self._g_hat: dict[tuple[str, int, None], Tensor] = {}
         self._ids: dict[tuple[str, int], Tensor] = {}
         self._live: tuple[_LevelPanels, LiveFigure] | None = None
+        for kind in kinds:  # every map up front (small images, one thread), so no move computes
+            for lvl in range(levels):
+                self.loss_vmax(kind, lvl)
 
         self.context = widgets.Dropdown(
             options=[(CONTEXT_TITLES[k], k) for k in kinds], value=kinds[0], description="contexts"
@@ -388,14 +391,17 @@ class _LevelPanels:
         self.loss_image = show_map(axes[4], loss, kind="loss", valid=ex.valid, vmax=1.0, title="loss")
         self.suptitle = fig.suptitle("")
         self.grid_lines: list = []
+        self.counts: dict[tuple[str, int], int] = {}
         self.update(context, level, model)
 
     def dynamic(self) -> list:
         """What :meth:`update` changes, in drawing order (for :class:`~hdn.workbook._live.LiveFigure`)."""
-        artists = [self.ids_image, *self.grid_lines, self.axes[1].title, self.ids_image.colorbar.ax]
+        artists = [self.ids_image, *self.grid_lines, *self.axes[1].spines.values(), self.axes[1].title,
+                   self.ids_image.colorbar.ax]
         for image in (self.g_image, self.p_image, self.loss_image):
             legend = image.axes.get_legend()
-            artists += [image, *([] if legend is None else [legend]), image.axes.title, image.colorbar.ax]
+            artists += [image, *image.axes.spines.values(), *([] if legend is None else [legend]),
+                        image.axes.title, image.colorbar.ax]
         return [*artists, self.suptitle]
 
     def update(self, context: str, level: int, model: str) -> None:
@@ -404,7 +410,9 @@ class _LevelPanels:
         g_hat, p_hat, loss = ex.maps(context, level, model)
         ids = ex.level_ids(context, level)
         inside = (ids >= 0) & ex.valid
-        count = ex.contexts(context).contexts_per_image(level)
+        if (context, level) not in self.counts:
+            self.counts[context, level] = ex.contexts(context).contexts_per_image(level)
+        count = self.counts[context, level]
         H, W = ids.shape
         k = max(count, 1)  # as show_contexts colours them
         cmap = ListedColormap([_CONTEXT_COLOURS[i % len(_CONTEXT_COLOURS)] for i in range(k)])
