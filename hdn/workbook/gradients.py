@@ -476,6 +476,8 @@ class DescentExplorer:
         detach_pred_median: use the follow-up variant (see :func:`make_loss`).
         unit: ``(name, factor)`` for the error map, e.g. ``("cm", 100.0)`` for metres.
         loss, level: initial dropdown and slider values.
+        precompute: run every (loss, L) of the controls up front (one descent each), so that
+            no move of a control waits for a descent; False computes each on first use.
     """
 
     LOSSES = (("SSI", "ssi"), ("HDN-DR", "dr"), ("HDN-DP", "dp"), ("HDN-DS", "ds"))
@@ -495,6 +497,7 @@ class DescentExplorer:
         unit: tuple[str, float] = ("cm", 100.0),
         loss: str = "dr",
         level: int = 2,
+        precompute: bool = True,
     ):
         import ipywidgets as widgets
 
@@ -527,6 +530,10 @@ class DescentExplorer:
         self.renders = 0
         for control in (self.loss, self.level, self.step):
             control.observe(self.on_change, names="value")
+        if precompute:
+            for name in LOSS_NAMES:
+                for lvl in range(1, max_level + 1) if name != "ssi" else (1,):
+                    self.curves(name, lvl)
         self.on_change()
 
     @staticmethod
