@@ -5,6 +5,12 @@
 #   make bench   create .venv if missing, install, run the speed benchmark (python -m hdn.bench)
 #   make test-outside-clone   build the wheel, install it into a fresh venv outside the repository,
 #                run the notebooks alone there (strict nbval, generic CPU kernels, one thread)
+#   make book          build the static site (build/book/html) and check it in headless Chromium
+#   make book-html     only build the site: notebooks with their stored outputs, docs/*.md, API reference
+#   make book-check    check the built site: pages load, images show, local links resolve, no
+#                      console errors, nothing fetched from outside; screenshots in build/book/screenshots
+#   make test-browser  run the notebooks in JupyterLab in headless Chromium, move every widget
+#                      control, check the images change without errors; times in build/browser
 #   make clean   remove build outputs and caches (keeps .venv; `rm -rf .venv` removes that too)
 #
 # PyTorch is installed first, from $(TORCH). The default names the release that this
@@ -24,7 +30,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := test
-.PHONY: test lab bench clean test-outside-clone
+.PHONY: test lab bench clean test-outside-clone book book-html book-check test-browser browser-deps
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
@@ -45,6 +51,40 @@ $(STAMP): pyproject.toml | $(VPY)
 	$(VPY) -m pip install $(TORCH)
 	$(VPY) -m pip install -e ".[dev]"
 	touch $(STAMP)
+
+# --- the static site and the browser checks --------------------------------------------
+# Chromium is Debian's (apt, /usr/bin/chromium); playwright-core drives it and downloads no
+# browser of its own. npm ci installs tests/browser/package-lock.json (playwright-core, and
+# MathJax, which the site serves itself). Both steps are skipped when already done.
+CHROMIUM ?= /usr/bin/chromium
+BROWSER_DIR := tests/browser
+NODE_STAMP := $(BROWSER_DIR)/node_modules/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
+BOOK_DIR := build/book
+
+$(CHROMIUM):
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+
+$(NODE_STAMP): $(BROWSER_DIR)/package.json $(BROWSER_DIR)/package-lock.json
+	cd $(BROWSER_DIR) && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+browser-deps: $(CHROMIUM) $(NODE_STAMP)
+
+$(DOCS_STAMP): pyproject.toml $(STAMP)
+	$(VPY) -m pip install -e ".[dev,docs]"
+	touch $(DOCS_STAMP)
+
+book: book-html book-check
+
+book-html: $(DOCS_STAMP) $(NODE_STAMP)
+	$(VPY) -m sphinx -b html -c docs --keep-going . $(BOOK_DIR)/html
+
+book-check: browser-deps
+	HDN_CHROMIUM=$(CHROMIUM) node $(BROWSER_DIR)/book.check.mjs $(BOOK_DIR)/html
+
+test-browser: $(STAMP) browser-deps
+	HDN_PYTHON=$(abspath $(VPY)) HDN_CHROMIUM=$(CHROMIUM) node $(BROWSER_DIR)/widgets.test.mjs
 
 clean:
 	rm -rf build dist .pytest_cache .ruff_cache .ipynb_checkpoints notebooks/.ipynb_checkpoints

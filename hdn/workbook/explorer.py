@@ -17,7 +17,6 @@ callbacks can be tested by setting widget values from Python.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -30,7 +29,8 @@ from hdn import contexts as _contexts
 from hdn._validation import _as_bhw, check_depth_inputs, check_levels, single_image
 from hdn.contexts import CONTEXT_NAMES, Contexts, from_labels
 from hdn.normalization import context_normalize
-from hdn.workbook.plotting import draw_grid, figure_png, grid_edges, show_map
+from hdn.workbook._live import LiveFigure, masked_map, one_torch_thread, png_message, update_map
+from hdn.workbook.plotting import draw_grid, grid_edges, show_map
 
 __all__ = [
     "CONTEXT_TITLES",
@@ -324,8 +324,18 @@ class ContextExplorer:
         self.pred = None if pred is None else _single_image(pred, "pred").to(g.dtype)
         if self.pred is not None and self.pred.shape != g.shape:
             raise ValueError(f"Invalid pred shape: we expect {tuple(g.shape)[1:]}. Got: {tuple(self.pred.shape)[1:]}.")
-        self.contexts = {k: _contexts.build(k, g, v, levels=levels) for k in kinds}
+        with one_torch_thread():
+            self.contexts = {k: _contexts.build(k, g, v, levels=levels) for k in kinds}
+        # Caches: nothing a slider changes is computed twice.
         self._normalized: dict[tuple[str, int], tuple[Tensor, Tensor | None]] = {}
+        self._ids: dict[tuple[str, int], Tensor] = {}
+        self._counts: dict[tuple[str, int], int] = {}
+        self._sizes: dict[tuple[str, int], list[int]] = {}
+        self._live: dict[bool, tuple[_ContextPanels, LiveFigure]] = {}  # one figure per zoom mode
+        for k in kinds:  # every level up front (one thread: a few tens of ms each), so no move computes
+            for lvl in range(levels):
+                self.normalized(k, lvl)
+                self._size(k, lvl, 0)
 
         self.kind = widgets.Dropdown(
             options=[(CONTEXT_TITLES[k], k) for k in kinds], value=kinds[0], description="contexts"
@@ -352,27 +362,48 @@ class ContextExplorer:
 
     def count(self, kind: str, level: int) -> int:
         """Number of contexts of ``kind`` at ``level`` (``2**level`` bins or ``4**level`` cells)."""
-        return self.contexts[kind].contexts_per_image(level)
+        key = (kind, level)
+        if key not in self._counts:
+            self._counts[key] = self.contexts[kind].contexts_per_image(level)
+        return self._counts[key]
 
     def context_mask(self, kind: str, level: int, index: int) -> Tensor:
         """The ``(H, W)`` bool mask of one context (valid pixels only)."""
         self._check(kind, level, index)
-        return self.contexts[kind].level_masks(level)[index, 0]
+        return self._level_ids(kind, level) == index
+
+    def _level_ids(self, kind: str, level: int) -> Tensor:
+        """``(H, W)`` context index of every pixel at ``level``, -1 outside (cached; levels are partitions)."""
+        key = (kind, level)
+        if key not in self._ids:
+            with one_torch_thread():
+                self._ids[key] = self.contexts[kind].level_ids(level)[0]
+        return self._ids[key]
+
+    def _size(self, kind: str, level: int, index: int) -> int:
+        """Number of pixels of one context (counts of a level cached)."""
+        key = (kind, level)
+        if key not in self._sizes:
+            ids = self._level_ids(kind, level)
+            counts = torch.bincount(ids[ids >= 0], minlength=self.count(kind, level))
+            self._sizes[key] = counts.tolist()
+        return self._sizes[key][index]
 
     def normalized(self, kind: str, level: int) -> tuple[Tensor, Tensor | None]:
         """``(g_hat, p_hat)`` of a whole level, each ``(H, W)``; ``p_hat`` is None without ``pred``."""
         key = (kind, level)
         if key not in self._normalized:
             ctx = self.contexts[kind]
-            g_hat = context_normalize(self.depth, ctx, level, self.valid)[0]
-            p_hat = None if self.pred is None else context_normalize(self.pred, ctx, level, self.valid)[0]
+            with one_torch_thread():
+                g_hat = context_normalize(self.depth, ctx, level, self.valid)[0]
+                p_hat = None if self.pred is None else context_normalize(self.pred, ctx, level, self.valid)[0]
             self._normalized[key] = (g_hat, p_hat)
         return self._normalized[key]
 
     def describe(self, kind: str, level: int, index: int) -> str:
         """One-line title of a context: kind, level, which bin or cell, its extent, its size."""
         self._check(kind, level, index)
-        n = int(self.context_mask(kind, level, index).sum())
+        n = self._size(kind, level, index)
         name = kind.upper()
         if kind == "ds":
             cells = 2**level
@@ -398,66 +429,36 @@ class ContextExplorer:
             A :class:`matplotlib.figure.Figure` (not managed by pyplot) titled by :meth:`describe`.
         """
         self._check(kind, level, index)
-        inside = self.context_mask(kind, level, index)
-        g_hat, p_hat = self.normalized(kind, level)
-        depth, valid = self.depth[0], self.valid[0]
-        panels = 3 if p_hat is None else 4
-        fig = Figure(figsize=(3.6 * panels, 3.0), layout="constrained")
-        axes = fig.subplots(1, panels)
-
-        show_map(axes[0], depth, kind="depth", valid=valid, cmap="gray", title="the context on the scene")
-        axes[0].imshow(
-            np.ma.masked_array(np.ones(inside.shape), mask=~inside.numpy()),
-            cmap=ListedColormap([HIGHLIGHT]), vmin=0, vmax=1, alpha=0.7,
-        )
-        if kind == "ds":
-            draw_grid(axes[0], *inside.shape, level)
-        show_map(axes[1], g_hat, kind="normalized", valid=inside, title=r"$\hat g$ in the context")
-
-        d = depth[valid].numpy()
-        bins = np.linspace(d.min(), d.max(), 61) if d.size else 10
-        axes[2].hist(d, bins=bins, color="lightgrey", label="whole image")
-        axes[2].hist(depth[inside].numpy(), bins=bins, color=HIGHLIGHT, label="this context")
-        if kind != "ds":
-            ctx = self.contexts[kind]
-            for edge in torch.cat([ctx.lower[level][0], ctx.upper[level][0, -1:]]).tolist():
-                axes[2].axvline(edge, color="black", linestyle="--", linewidth=0.7)
-        axes[2].set(title="depths of the context", xlabel="depth (m)", ylabel="pixels")
-        axes[2].legend(loc="upper right", fontsize=7)
-
-        if p_hat is not None:
-            loss = (p_hat - g_hat).abs()
-            mean = float(loss[inside].mean()) if inside.any() else 0.0
-            top = float(torch.quantile(loss[inside].double(), 0.99)) if inside.any() else 1.0
-            show_map(axes[3], loss, kind="loss", valid=inside, vmax=max(top, 1e-6),
-                     title=rf"$|\hat p - \hat g|$ (mean {mean:.3f})")
-        if kind == "ds":  # a cell is small: zoom the per-context panels onto it
-            rows, cols = torch.nonzero(inside, as_tuple=True)
-            if rows.numel():
-                for ax in axes[1::2]:
-                    ax.set_xlim(int(cols.min()) - 0.5, int(cols.max()) + 0.5)
-                    ax.set_ylim(int(rows.max()) + 0.5, int(rows.min()) - 0.5)
-        fig.suptitle(self.describe(kind, level, index))
-        return fig
+        with one_torch_thread():
+            return _ContextPanels(self, kind, level, index).figure
 
     # --- widget callbacks ----------------------------------------------------------------
 
     def on_change(self, change: dict | None = None) -> None:
         """Re-render the selected context into ``output`` (the sliders' callback).
 
+        The widget keeps one figure: the first call lays it out, later calls change its
+        images, lines and texts in place and redraw only those (:class:`~hdn.workbook._live.LiveFigure`).
         The PNG is written into the ``Output`` widget's ``outputs`` state (what
         ``Output.append_display_data`` does), so no display message is sent to the notebook
         and the callback behaves the same in a kernel, under nbval and in plain Python.
         """
         if self._syncing:
             return
-        fig = self.render(self.kind.value, self.level.value, self.index.value)
-        self.figure = fig
+        state = (self.kind.value, self.level.value, self.index.value)
+        self._check(*state)
+        zoom = state[0] == "ds"  # DS zooms onto the cell: other axes change than for DR / DP
+        with one_torch_thread():
+            if zoom not in self._live:
+                panels = _ContextPanels(self, *state)
+                self._live[zoom] = (panels, LiveFigure(panels.figure, panels.dynamic, freeze=panels.frozen))
+            else:
+                self._live[zoom][0].update(*state)
+            panels, live = self._live[zoom]
+            png = live.png()
+        self.figure = panels.figure
         self.renders += 1
-        png = base64.b64encode(figure_png(fig)).decode("ascii")
-        self.output.outputs = (
-            {"output_type": "display_data", "data": {"image/png": png, "text/plain": fig.get_suptitle()}, "metadata": {}},
-        )
+        self.output.outputs = (png_message(png, self.figure.get_suptitle()),)
 
     def _on_structure(self, change: dict | None = None) -> None:
         """Kind or level changed: give the index slider the new number of contexts, re-render."""
@@ -495,3 +496,112 @@ class GridExplorer(ContextExplorer):
 
     def __init__(self, depth: Tensor, valid: Tensor | None = None, pred: Tensor | None = None, *, levels: int = 4):
         super().__init__(depth, valid, pred, kinds=("ds",), levels=levels)
+
+
+class _ContextPanels:
+    """The figure of :meth:`ContextExplorer.render`, whose artists :meth:`update` changes in place.
+
+    :meth:`ContextExplorer.render` draws a new one for each call; the widget keeps one and
+    updates it, so that moving a control changes image data (``AxesImage.set_data``), a few
+    lines and texts instead of building and laying out a figure again.
+    """
+
+    def __init__(self, explorer: ContextExplorer, kind: str, level: int, index: int):
+        self.ex = ex = explorer
+        depth, valid = ex.depth[0], ex.valid[0]
+        self.shape = tuple(depth.shape)
+        panels = 3 if ex.pred is None else 4
+        fig = self.figure = Figure(figsize=(3.6 * panels, 3.0), layout="constrained")
+        axes = self.axes = fig.subplots(1, panels)
+        inside = ex.context_mask(kind, level, index)
+        g_hat, p_hat = ex.normalized(kind, level)
+
+        show_map(axes[0], depth, kind="depth", valid=valid, cmap="gray", title="the context on the scene")
+        self.overlay = axes[0].imshow(
+            np.ma.masked_array(np.ones(inside.shape), mask=~inside.numpy()),
+            cmap=ListedColormap([HIGHLIGHT]), vmin=0, vmax=1, alpha=0.7,
+        )
+        self.g_image = show_map(axes[1], g_hat, kind="normalized", valid=inside, title=r"$\hat g$ in the context")
+
+        d = depth[valid].numpy()
+        self.bins = np.linspace(d.min(), d.max(), 61) if d.size else 10
+        axes[2].hist(d, bins=self.bins, color="lightgrey", label="whole image")
+        _, self.bins, self.bars = axes[2].hist(depth[inside].numpy(), bins=self.bins, color=HIGHLIGHT,
+                                               label="this context")
+        axes[2].set(title="depths of the context", xlabel="depth (m)", ylabel="pixels")
+        self.legend = axes[2].legend(loc="upper right", fontsize=7)
+
+        self.loss_image = None
+        if p_hat is not None:
+            self.loss_image = show_map(axes[3], (p_hat - g_hat).abs(), kind="loss", valid=inside, vmax=1.0,
+                                       title=r"$|\hat p - \hat g|$")
+        self.lines: list = []
+        self.zoom = kind == "ds"  # update() keeps to kinds of the same zoom mode
+        self.suptitle = fig.suptitle(ex.describe(kind, level, index))
+        self.frozen = [axes[2]]  # the bin edges are replaced on a frozen histogram
+        self.update(kind, level, index)
+
+    def dynamic(self) -> list:
+        """What :meth:`update` can change, in drawing order (for :class:`~hdn.workbook._live.LiveFigure`)."""
+        axes = self.axes
+        maps = [self.g_image] if self.loss_image is None else [self.g_image, self.loss_image]
+        artists = [self.overlay, *self.grid_lines, *axes[0].spines.values(), *_legends(axes[0])]
+        for image in maps:
+            if self.zoom:  # limits and ticks change with the cell
+                artists.append(image.axes)
+            else:  # the image, the legend above it and the title change
+                artists += [image, *image.axes.spines.values(), *_legends(image.axes), image.axes.title]
+            artists.append(image.colorbar.ax)
+        return [*artists, *self.bars, *self.edge_lines, *axes[2].spines.values(), self.legend, self.suptitle]
+
+    def update(self, kind: str, level: int, index: int) -> None:
+        """Show another context (a kind of the same zoom mode: DS, or DR / DP)."""
+        if (kind == "ds") != self.zoom:
+            raise ValueError(f"Invalid kind: this figure shows {'DS' if self.zoom else 'DR / DP'}. Got: {kind!r}.")
+        ex, axes = self.ex, self.axes
+        inside = ex.context_mask(kind, level, index)
+        g_hat, p_hat = ex.normalized(kind, level)
+        self.overlay.set_data(np.ma.masked_array(np.ones(inside.shape), mask=~inside.numpy()))
+        for line in self.lines:
+            line.remove()
+        before = set(axes[0].lines)
+        if kind == "ds":
+            draw_grid(axes[0], *inside.shape, level)
+        self.grid_lines = [line for line in axes[0].lines if line not in before]
+
+        shown = masked_map(g_hat, inside)
+        data = shown.compressed()
+        top = (float(np.abs(data).max()) or 1.0) if data.size else 1.0
+        update_map(self.g_image, shown, -top, top)
+
+        counts, _ = np.histogram(ex.depth[0][inside].numpy(), bins=self.bins)
+        for bar, count in zip(self.bars, counts):
+            bar.set_height(count)
+        self.edge_lines = []
+        if kind != "ds":
+            ctx = ex.contexts[kind]
+            for edge in torch.cat([ctx.lower[level][0], ctx.upper[level][0, -1:]]).tolist():
+                self.edge_lines.append(axes[2].axvline(edge, color="black", linestyle="--", linewidth=0.7))
+        self.lines = self.grid_lines + self.edge_lines
+
+        if p_hat is not None:
+            loss = (p_hat - g_hat).abs()
+            mean = float(loss[inside].mean()) if inside.any() else 0.0
+            top = float(torch.quantile(loss[inside].double(), 0.99)) if inside.any() else 1.0
+            update_map(self.loss_image, masked_map(loss, inside), 0.0, max(top, 1e-6))
+            axes[3].title.set_text(rf"$|\hat p - \hat g|$ (mean {mean:.3f})")
+        H, W = self.shape
+        rows, cols = torch.nonzero(inside, as_tuple=True)
+        for ax in axes[1::2]:
+            if kind == "ds" and rows.numel():  # a cell is small: zoom the per-context panels onto it
+                ax.set_xlim(int(cols.min()) - 0.5, int(cols.max()) + 0.5)
+                ax.set_ylim(int(rows.max()) + 0.5, int(rows.min()) - 0.5)
+            else:
+                ax.set_xlim(-0.5, W - 0.5)
+                ax.set_ylim(H - 0.5, -0.5)
+        self.suptitle.set_text(ex.describe(kind, level, index))
+
+
+def _legends(ax) -> list:
+    return [] if ax.get_legend() is None else [ax.get_legend()]
+

@@ -21,7 +21,6 @@ All maps are ``(B, H, W)``; inputs may also be ``(B, 1, H, W)``.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Mapping
 from functools import partial
 from itertools import pairwise
@@ -548,7 +547,8 @@ class DescentExplorer:
     (the number of levels ``L``, ignored and disabled for SSI) and an ``IntSlider`` ``step``.
     Every change calls :meth:`on_change`, which draws :meth:`render` into ``output``; the last
     figure stays in ``figure`` and its ``(loss, level, step)`` in ``state``. Runs are computed
-    on first use and cached, so moving the step slider only redraws.
+    on first use and cached, so moving the step slider only redraws. The widget keeps one
+    figure and changes its image, curves and texts in place (only those are redrawn).
 
     Args:
         pred0: ``(H, W)``, ``(1, H, W)`` or ``(1, 1, H, W)`` starting prediction.
@@ -563,6 +563,8 @@ class DescentExplorer:
         detach_pred_median: use the follow-up variant (see :func:`make_loss`).
         unit: ``(name, factor)`` for the error map, e.g. ``("cm", 100.0)`` for metres.
         loss, level: initial dropdown and slider values.
+        precompute: run every (loss, L) of the controls up front (one descent each), so that
+            no move of a control waits for a descent; False computes each on first use.
     """
 
     LOSSES = (("SSI", "ssi"), ("HDN-DR", "dr"), ("HDN-DP", "dp"), ("HDN-DS", "ds"))
@@ -582,6 +584,7 @@ class DescentExplorer:
         unit: tuple[str, float] = ("cm", 100.0),
         loss: str = "dr",
         level: int = 2,
+        precompute: bool = True,
     ):
         import ipywidgets as widgets
 
@@ -599,6 +602,8 @@ class DescentExplorer:
         self.unit = unit
         self._runs: dict[tuple[str, int], list[Tensor]] = {}
         self._curves: dict[tuple[str, int], dict[str, list[float]]] = {}
+        self._errors: dict[tuple[str, int, int], Tensor] = {}  # cropped error maps, by (loss, level, step)
+        self._live = None  # the widget's (_DescentPanels, LiveFigure), made on the first draw
 
         self.loss = widgets.Dropdown(options=self.LOSSES, value=loss, description="loss")
         self.level = widgets.IntSlider(
@@ -612,6 +617,10 @@ class DescentExplorer:
         self.renders = 0
         for control in (self.loss, self.level, self.step):
             control.observe(self.on_change, names="value")
+        if precompute:
+            for name in LOSS_NAMES:
+                for lvl in range(1, max_level + 1) if name != "ssi" else (1,):
+                    self.curves(name, lvl)
         self.on_change()
 
     @staticmethod
@@ -623,8 +632,11 @@ class DescentExplorer:
         self._check(loss, level)
         key = self._key(loss, level)
         if key not in self._runs:
+            from hdn.workbook._live import one_torch_thread
+
             fn = make_loss(key[0], key[1], detach_pred_median=self.detach_pred_median)
-            self._runs[key] = descend(self.pred0, self.target, self.mask, fn, self.steps, self.lr)
+            with one_torch_thread():  # small maps: threads only wait on each other
+                self._runs[key] = descend(self.pred0, self.target, self.mask, fn, self.steps, self.lr)
         return self._runs[key]
 
     def curves(self, loss: str, level: int) -> dict[str, list[float]]:
@@ -653,40 +665,27 @@ class DescentExplorer:
         Returns:
             A :class:`matplotlib.figure.Figure` (not managed by pyplot).
         """
-        from matplotlib.figure import Figure
+        self._check_step(loss, level, step)
+        return _DescentPanels(self, loss, level, step).figure
 
-        from hdn.workbook.plotting import show_map
-
+    def _check_step(self, loss: str, level: int, step: int) -> None:
         self._check(loss, level)
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.steps:
             raise ValueError(f"Invalid step: we expect an integer in [0, {self.steps}]. Got: {step!r}.")
-        unit_name, factor = self.unit
-        focus = {self.focus: self.regions[self.focus]}
-        rows, cols = torch.nonzero(focus[self.focus][0], as_tuple=True)
-        crop = (slice(int(rows.min()), int(rows.max()) + 1), slice(int(cols.min()), int(cols.max()) + 1))
-        start = aligned_error_map(self.pred0, self.target, focus)[0][crop] * factor
-        err = aligned_error_map(self.run(loss, level)[step], self.target, focus)[0][crop] * factor
 
-        fig = Figure(figsize=(9.5, 3.2), layout="constrained")
-        ax_map, ax_curve = fig.subplots(1, 2)
-        show_map(
-            ax_map, err, kind="loss", title=f"{self.focus}: error after alignment, step {step}",
-            label=f"|aligned p - g| ({unit_name})", vmax=float(torch.nan_to_num(start, nan=0.0).max()),
-        )
-        steps = range(self.steps + 1)
-        colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
-        for i, name in enumerate(self.regions):
-            color = colors[i % len(colors)]
-            ax_curve.plot(steps, _percent_of_start(self.curves(loss, level)[name]), color=color, label=name)
-            if loss != "ssi":
-                ssi = _percent_of_start(self.curves("ssi", 1)[name])
-                ax_curve.plot(steps, ssi, color=color, ls="--", label=f"{name} (SSI)")
-        ax_curve.axvline(step, color="0.4", lw=1)
-        ax_curve.set_title(self.label(loss, level))
-        ax_curve.set_xlabel("gradient-descent step")
-        ax_curve.set_ylabel("aligned error (% of step 0)")
-        ax_curve.legend(fontsize=7)
-        return fig
+    def _error_map(self, loss: str, level: int, step: int) -> Tensor:
+        """The focus region's error after alignment at one step, cropped and in display units (cached)."""
+        key = (*self._key(loss, level), step)
+        if key not in self._errors:
+            from hdn.workbook._live import one_torch_thread
+
+            focus = {self.focus: self.regions[self.focus]}
+            rows, cols = torch.nonzero(focus[self.focus][0], as_tuple=True)
+            crop = (slice(int(rows.min()), int(rows.max()) + 1), slice(int(cols.min()), int(cols.max()) + 1))
+            pred = self.pred0 if step == 0 else self.run(loss, level)[step]
+            with one_torch_thread():
+                self._errors[key] = aligned_error_map(pred, self.target, focus)[0][crop] * self.unit[1]
+        return self._errors[key]
 
     def on_change(self, change: dict | None = None) -> None:
         """Re-render the selection into ``output`` (the controls' callback).
@@ -695,18 +694,23 @@ class DescentExplorer:
         ``Output.append_display_data`` does), so no display message is sent to the notebook and
         the callback behaves the same in a kernel, under nbval and in plain Python.
         """
-        from hdn.workbook.plotting import figure_png
+        from hdn.workbook._live import LiveFigure, one_torch_thread, png_message
 
         self.level.disabled = self.loss.value == "ssi"
         state = (self.loss.value, self.level.value, self.step.value)
-        fig = self.render(*state)
-        self.state, self.figure = state, fig
+        self._check_step(*state)
+        with one_torch_thread():
+            if self._live is None:
+                panels = _DescentPanels(self, *state)
+                self._live = (panels, LiveFigure(panels.figure, panels.dynamic))
+            else:
+                self._live[0].update(*state)
+            panels, live = self._live
+            png = live.png()
+        self.state, self.figure = state, panels.figure
         self.renders += 1
-        png = base64.b64encode(figure_png(fig)).decode("ascii")
         text = f"{self.label(state[0], state[1])}, step {state[2]}"
-        self.output.outputs = (
-            {"output_type": "display_data", "data": {"image/png": png, "text/plain": text}, "metadata": {}},
-        )
+        self.output.outputs = (png_message(png, text),)
 
     def _check(self, loss: str, level: int) -> None:
         if loss not in LOSS_NAMES:
@@ -801,3 +805,60 @@ def median_gradient_share(
     detached = loss_gradient(make_loss(name, levels, detach_pred_median=True), pred, target, mask)
     total = released.abs().double().sum()
     return float((released - detached).abs().double().sum() / total) if float(total) > 0 else 0.0
+
+
+class _DescentPanels:
+    """The figure of :meth:`DescentExplorer.render`, whose artists :meth:`update` changes in place.
+
+    Panels: the focus region's error map (colour scale of step 0, so it is fixed) and the
+    regions' error curves, SSI dashed for comparison, with a line at the step.
+    """
+
+    COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+
+    def __init__(self, explorer: DescentExplorer, loss: str, level: int, step: int):
+        from matplotlib.figure import Figure
+
+        from hdn.workbook.plotting import show_map
+
+        self.ex = ex = explorer
+        unit_name, _ = ex.unit
+        start = ex._error_map("ssi", 1, 0)
+        fig = self.figure = Figure(figsize=(9.5, 3.2), layout="constrained")
+        self.ax_map, self.ax_curve = ax_map, ax_curve = fig.subplots(1, 2)
+        self.image = show_map(
+            ax_map, ex._error_map(loss, level, step), kind="loss", title=f"{ex.focus}: error after alignment",
+            label=f"|aligned p - g| ({unit_name})", vmax=float(torch.nan_to_num(start, nan=0.0).max()),
+        )
+        steps = range(ex.steps + 1)
+        self.lines, self.ssi_lines = [], []
+        for i, name in enumerate(ex.regions):
+            color = self.COLORS[i % len(self.COLORS)]
+            ssi = _percent_of_start(ex.curves("ssi", 1)[name])
+            self.lines.append(ax_curve.plot(steps, ssi, color=color, label=name)[0])
+            self.ssi_lines.append(ax_curve.plot(steps, ssi, color=color, ls="--", label=f"{name} (SSI)")[0])
+        self.marker = ax_curve.axvline(step, color="0.4", lw=1)
+        ax_curve.set_xlabel("gradient-descent step")
+        ax_curve.set_ylabel("aligned error (% of step 0)")
+        self.update(loss, level, step)
+
+    def dynamic(self) -> list:
+        """What :meth:`update` changes, in drawing order (for :class:`~hdn.workbook._live.LiveFigure`)."""
+        legend = self.ax_map.get_legend()
+        return [self.image, *self.ax_map.spines.values(), *([] if legend is None else [legend]), self.ax_map.title,
+                self.ax_curve]
+
+    def update(self, loss: str, level: int, step: int) -> None:
+        """Show another (loss, level, step)."""
+        ex, ax = self.ex, self.ax_curve
+        self.image.set_data(ex._error_map(loss, level, step).numpy())  # NaN outside the region: grey
+        self.ax_map.title.set_text(f"{ex.focus}: error after alignment, step {step}")
+        for name, line, ssi_line in zip(ex.regions, self.lines, self.ssi_lines):
+            line.set_ydata(_percent_of_start(ex.curves(loss, level)[name]))
+            ssi_line.set_visible(loss != "ssi")
+        self.marker.set_xdata([step, step])
+        ax.relim(visible_only=True)
+        ax.autoscale_view()
+        ax.set_title(ex.label(loss, level))
+        handles = [h for pair in zip(self.lines, self.ssi_lines) for h in pair if h.get_visible()]
+        ax.legend(handles=handles, fontsize=7)

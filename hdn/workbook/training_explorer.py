@@ -17,11 +17,11 @@ pure function of the three values) into ``output``. Tests set the widget values 
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
@@ -31,7 +31,8 @@ from hdn.alignment import align_least_squares
 from hdn.contexts import CONTEXT_NAMES, Contexts
 from hdn.metrics import _nearest_pixels
 from hdn.normalization import context_normalize
-from hdn.workbook.plotting import draw_grid, figure_png, show_contexts, show_map
+from hdn.workbook._live import LiveFigure, masked_map, one_torch_thread, png_message, update_map
+from hdn.workbook.plotting import _CONTEXT_COLOURS, NONE_COLOR, draw_grid, show_contexts, show_map
 
 __all__ = ["CONTEXT_TITLES", "LevelExplorer", "error_maps", "level_losses"]
 
@@ -211,9 +212,17 @@ class LevelExplorer:
             v = v & _image(valid, "valid", None).bool()
         self.gt, self.valid = g, v
         self.levels, self.kinds, self.names = levels, kinds, tuple(models)
-        self.preds = {name: self._predict(net) for name, net in models.items()}
+        with one_torch_thread():
+            self.preds = {name: self._predict(net) for name, net in models.items()}
         self._contexts: dict[str, Contexts] = {}
         self._maps: dict[tuple[str, int, str], tuple[Tensor, Tensor, Tensor]] = {}
+        self._vmax: dict[tuple[str, int], float] = {}
+        self._g_hat: dict[tuple[str, int, None], Tensor] = {}
+        self._ids: dict[tuple[str, int], Tensor] = {}
+        self._live: tuple[_LevelPanels, LiveFigure] | None = None
+        for kind in kinds:  # every map up front (small images, one thread), so no move computes
+            for lvl in range(levels):
+                self.loss_vmax(kind, lvl)
 
         self.context = widgets.Dropdown(
             options=[(CONTEXT_TITLES[k], k) for k in kinds], value=kinds[0], description="contexts"
@@ -268,7 +277,12 @@ class LevelExplorer:
     def level_ids(self, kind: str, level: int) -> Tensor:
         """Context index of every pixel at ``level``, ``(H, W)`` int64, -1 = in no context."""
         self._check_level(level)
-        return self.contexts(kind).level_ids(level)[0]
+        key = (kind, level)
+        if key not in self._ids:
+            ctx = self.contexts(kind)
+            with one_torch_thread():
+                self._ids[key] = ctx.level_ids(level)[0]
+        return self._ids[key]
 
     def maps(self, kind: str, level: int, model: str) -> tuple[Tensor, Tensor, Tensor]:
         """``(g_hat, p_hat, loss)`` at ``level``, each ``(H, W)``; loss = ``|p_hat - g_hat|``
@@ -280,9 +294,13 @@ class LevelExplorer:
         if key not in self._maps:
             ctx = self.contexts(kind)
             inside = (self.level_ids(kind, level) >= 0) & self.valid
-            g_hat = context_normalize(self.gt[None], ctx, level, self.valid[None])[0]
-            p_hat = context_normalize(self.preds[model][None], ctx, level, self.valid[None])[0]
-            loss = torch.where(inside, (p_hat - g_hat).abs(), 0.0)
+            with one_torch_thread():
+                g_key = (kind, level, None)  # the ground truth's maps do not depend on the model
+                if g_key not in self._g_hat:
+                    self._g_hat[g_key] = context_normalize(self.gt[None], ctx, level, self.valid[None])[0]
+                g_hat = self._g_hat[g_key]
+                p_hat = context_normalize(self.preds[model][None], ctx, level, self.valid[None])[0]
+                loss = torch.where(inside, (p_hat - g_hat).abs(), 0.0)
             self._maps[key] = (g_hat, p_hat, loss)
         return self._maps[key]
 
@@ -310,59 +328,113 @@ class LevelExplorer:
         Returns:
             A :class:`matplotlib.figure.Figure` (not managed by pyplot).
         """
-        g_hat, p_hat, loss = self.maps(context, level, model)
-        ids = self.level_ids(context, level)
-        inside = (ids >= 0) & self.valid
-        count = self.contexts(context).contexts_per_image(level)
-        H, W = ids.shape
-        fig = Figure(figsize=(16.5, 3.2), layout="constrained")
-        axes = fig.subplots(1, 5)
-        show_map(axes[0], self.rgb, kind="image", title="test image (RGB)")
-        show_contexts(axes[1], ids, count=count, title=f"{count} context(s) at level {level}")
-        if context == "ds":
-            draw_grid(axes[1], H, W, level, color="black")
-        lim = float(g_hat[inside].abs().max()) if inside.any() else 1.0
-        lim = lim or 1.0
-        show_map(axes[2], g_hat, kind="normalized", valid=inside, vmin=-lim, vmax=lim,
-                 title=r"ground truth $\hat g$ (per context)")  # fmt: skip
-        show_map(axes[3], p_hat, kind="normalized", valid=inside, vmin=-lim, vmax=lim,
-                 title=rf"prediction $\hat p$ ({model})")  # fmt: skip
-        top = self.loss_vmax(context, level)
-        show_map(axes[4], loss, kind="loss", valid=self.valid, vmax=top,
-                 title=rf"$|\hat p - \hat g|$, mean {self.level_loss(context, level, model):.3f}")  # fmt: skip
-        fig.suptitle(
-            f"{CONTEXT_TITLES[context]}, level {level} of 0-{self.levels - 1}, model '{model}'"
-        )
-        return fig
+        with one_torch_thread():
+            return _LevelPanels(self, context, level, model).figure
 
     def loss_vmax(self, kind: str, level: int) -> float:
         """99th percentile of the level's loss over all models' valid pixels."""
-        values = torch.cat([self.maps(kind, level, m)[2][self.valid] for m in self.names])
-        top = float(torch.quantile(values.double(), 0.99)) if values.numel() else 1.0
-        return max(top, 1e-6)
+        key = (kind, level)
+        if key not in self._vmax:
+            values = torch.cat([self.maps(kind, level, m)[2][self.valid] for m in self.names])
+            with one_torch_thread():
+                top = float(torch.quantile(values.double(), 0.99)) if values.numel() else 1.0
+            self._vmax[key] = max(top, 1e-6)
+        return self._vmax[key]
 
     # --- widget callbacks --------------------------------------------------------------
 
     def on_change(self, change: dict | None = None) -> None:
         """Re-render the selected (context, level, model) into ``output``.
 
+        The widget keeps one figure, laid out once; later calls change its images and texts
+        in place and redraw only those (:class:`~hdn.workbook._live.LiveFigure`).
         The PNG goes straight into the ``Output`` widget's ``outputs`` state, so the callback
         behaves the same in a kernel, under nbval and in plain Python.
         """
-        fig = self.render(self.context.value, self.level.value, self.model.value)
-        self.figure = fig
+        state = (self.context.value, self.level.value, self.model.value)
+        with one_torch_thread():
+            if self._live is None:
+                panels = _LevelPanels(self, *state)
+                self._live = (panels, LiveFigure(panels.figure, panels.dynamic))
+            else:
+                self._live[0].update(*state)
+            panels, live = self._live
+            png = live.png()
+        self.figure = panels.figure
         self.renders += 1
-        png = base64.b64encode(figure_png(fig)).decode("ascii")
-        self.output.outputs = (
-            {
-                "output_type": "display_data",
-                "data": {"image/png": png, "text/plain": fig.get_suptitle()},
-                "metadata": {},
-            },
-        )
+        self.output.outputs = (png_message(png, self.figure.get_suptitle()),)
 
     def _check_level(self, level: int) -> None:
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < self.levels:
             raise ValueError(
                 f"Invalid level: we expect an int 0 <= level < {self.levels}. Got: {level!r}."
             )
+
+
+class _LevelPanels:
+    """The figure of :meth:`LevelExplorer.render`, whose artists :meth:`update` changes in place."""
+
+    def __init__(self, explorer: LevelExplorer, context: str, level: int, model: str):
+        self.ex = ex = explorer
+        fig = self.figure = Figure(figsize=(16.5, 3.2), layout="constrained")
+        axes = self.axes = fig.subplots(1, 5)
+        g_hat, p_hat, loss = ex.maps(context, level, model)
+        ids = ex.level_ids(context, level)
+        count = ex.contexts(context).contexts_per_image(level)
+        show_map(axes[0], ex.rgb, kind="image", title="test image (RGB)")
+        self.ids_image = show_contexts(axes[1], ids, count=count, title="contexts")
+        inside = (ids >= 0) & ex.valid
+        self.g_image = show_map(axes[2], g_hat, kind="normalized", valid=inside, vmin=-1, vmax=1,
+                                title=r"ground truth $\hat g$ (per context)")  # fmt: skip
+        self.p_image = show_map(axes[3], p_hat, kind="normalized", valid=inside, vmin=-1, vmax=1,
+                                title="prediction")  # fmt: skip
+        self.loss_image = show_map(axes[4], loss, kind="loss", valid=ex.valid, vmax=1.0, title="loss")
+        self.suptitle = fig.suptitle("")
+        self.grid_lines: list = []
+        self.counts: dict[tuple[str, int], int] = {}
+        self.update(context, level, model)
+
+    def dynamic(self) -> list:
+        """What :meth:`update` changes, in drawing order (for :class:`~hdn.workbook._live.LiveFigure`)."""
+        artists = [self.ids_image, *self.grid_lines, *self.axes[1].spines.values(), self.axes[1].title,
+                   self.ids_image.colorbar.ax]
+        for image in (self.g_image, self.p_image, self.loss_image):
+            legend = image.axes.get_legend()
+            artists += [image, *image.axes.spines.values(), *([] if legend is None else [legend]),
+                        image.axes.title, image.colorbar.ax]
+        return [*artists, self.suptitle]
+
+    def update(self, context: str, level: int, model: str) -> None:
+        """Show another (context kind, level, model)."""
+        ex, axes = self.ex, self.axes
+        g_hat, p_hat, loss = ex.maps(context, level, model)
+        ids = ex.level_ids(context, level)
+        inside = (ids >= 0) & ex.valid
+        if (context, level) not in self.counts:
+            self.counts[context, level] = ex.contexts(context).contexts_per_image(level)
+        count = self.counts[context, level]
+        H, W = ids.shape
+        k = max(count, 1)  # as show_contexts colours them
+        cmap = ListedColormap([_CONTEXT_COLOURS[i % len(_CONTEXT_COLOURS)] for i in range(k)])
+        self.ids_image.set_data(np.ma.masked_less(ids.numpy().astype(np.int64), 0))
+        self.ids_image.set_cmap(cmap.with_extremes(bad=NONE_COLOR))
+        self.ids_image.set_clim(-0.5, k - 0.5)
+        self.ids_image.colorbar.set_ticks(np.arange(k) if k <= 16 else np.linspace(0, k - 1, 5).round())
+        axes[1].title.set_text(f"{count} context(s) at level {level}")
+        for line in self.grid_lines:
+            line.remove()
+        before = set(axes[1].lines)
+        if context == "ds":
+            draw_grid(axes[1], H, W, level, color="black")
+        self.grid_lines = [line for line in axes[1].lines if line not in before]
+
+        lim = float(g_hat[inside].abs().max()) if inside.any() else 1.0
+        lim = lim or 1.0
+        update_map(self.g_image, masked_map(g_hat, inside), -lim, lim)
+        update_map(self.p_image, masked_map(p_hat, inside), -lim, lim)
+        axes[3].title.set_text(rf"prediction $\hat p$ ({model})")
+        update_map(self.loss_image, masked_map(loss, ex.valid), 0.0, ex.loss_vmax(context, level))
+        axes[4].title.set_text(rf"$|\hat p - \hat g|$, mean {ex.level_loss(context, level, model):.3f}")
+        self.suptitle.set_text(
+            f"{CONTEXT_TITLES[context]}, level {level} of 0-{ex.levels - 1}, model '{model}'"
+        )
