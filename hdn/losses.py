@@ -23,6 +23,13 @@ __all__ = [
 ]
 
 
+def _eager(fn):
+    """Run ``fn`` eagerly inside ``torch.compile``: the cores select medians in NumPy and
+    build row layouts in Python, which dynamo cannot trace. A compiled training step breaks
+    its graph at the loss, and the loss runs as it does outside compile."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
 def check_reduction(reduction: object) -> str:
     """``reduction`` if it is one of :data:`REDUCTIONS`, else ``ValueError``."""
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
@@ -30,6 +37,7 @@ def check_reduction(reduction: object) -> str:
     return reduction
 
 
+@_eager
 def contexts_loss(
     pred: Tensor,
     target: Tensor,
@@ -104,12 +112,13 @@ def _apply_core(
             return RowHierarchicalSSI.apply(p, g, core)
         return HierarchicalSSI.apply(p, g, valid, core)
     batch = core.batch if isinstance(core, RowLayout) else core.shape[0]
-    image_valid = torch.count_nonzero(valid.view(batch, -1), dim=1) if reduction == "per_image" else None
+    image_valid = torch.count_nonzero(valid.reshape(batch, -1), dim=1) if reduction == "per_image" else None
     if isinstance(core, RowLayout):
         return RowHierarchicalSSI.apply(p, g, core, reduction, image_valid)
     return HierarchicalSSI.apply(p, g, valid, core, reduction, image_valid)
 
 
+@_eager
 def ssi_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None, *, reduction: str = "mean") -> Tensor:
     """Image-level scale-and-shift-invariant mean absolute error.
 
@@ -140,6 +149,7 @@ def ssi_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None, *, reduct
     return _output(_checked_loss(p, g, valid, _contexts.GridContexts(valid, 1), reduction), pred, reduction)
 
 
+@_eager
 def hdn_loss(
     pred: Tensor,
     target: Tensor,
@@ -283,7 +293,7 @@ def _reduce_map(loss_map: Tensor, valid: Tensor, reduction: str, pred: Tensor) -
     if reduction == "sum":
         return loss_map.sum()
     if reduction == "per_image":
-        counts = torch.count_nonzero(valid.view(valid.shape[0], -1), dim=1).to(loss_map.dtype)
+        counts = torch.count_nonzero(valid.reshape(valid.shape[0], -1), dim=1).to(loss_map.dtype)
         return loss_map.flatten(1).sum(1) / counts.clamp(min=1)
     return loss_map.reshape(pred.shape)
 

@@ -344,3 +344,18 @@ def test_unknown_reduction_raises_value_error_naming_the_argument(bad):
     for call in calls:
         with pytest.raises(ValueError, match="Invalid reduction"):
             call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("reduction", ("sum", "per_image", "none"))
+@pytest.mark.parametrize("context", ("dr", "dp", "ds"))
+def test_cuda_reductions_and_gradients_equal_cpu(context, reduction):
+    pred, target, mask = _data((2, 1, 24, 20), "cuda", context, reduction)
+    weight = _weight(reduction, pred.shape, "cuda", context)
+    cpu = _out_and_grads(hdn.hdn_loss, pred, target, weight, mask, context=context, reduction=reduction)
+    gpu = _out_and_grads(
+        hdn.hdn_loss, pred.cuda(), target.cuda(), None if weight is None else weight.cuda(), mask.cuda(),
+        context=context, reduction=reduction,
+    )
+    for a, b in zip(gpu, cpu):
+        _assert_close(a.cpu(), b)
