@@ -6,12 +6,13 @@ import torch
 from torch import Tensor, nn
 
 from hdn import contexts as _contexts
-from hdn._core.rows import RowHierarchicalSSI, RowLayout
+from hdn._core.rows import REDUCTIONS, RowHierarchicalSSI, RowLayout
 from hdn._core.segments import HierarchicalSSI
 from hdn._validation import check_depth_inputs, check_levels, stats_dtype
 from hdn.normalization import ssi_normalize
 
 __all__ = [
+    "REDUCTIONS",
     "GradientMatchingLoss",
     "HDNLoss",
     "SSILoss",
@@ -22,7 +23,29 @@ __all__ = [
 ]
 
 
-def contexts_loss(pred: Tensor, target: Tensor, mask: Tensor | None, contexts: _contexts.Contexts) -> Tensor:
+def _eager(fn):
+    """Run ``fn`` eagerly inside ``torch.compile``: the cores select medians in NumPy and
+    build row layouts in Python, which dynamo cannot trace. A compiled training step breaks
+    its graph at the loss, and the loss runs as it does outside compile."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
+def check_reduction(reduction: object) -> str:
+    """``reduction`` if it is one of :data:`REDUCTIONS`, else ``ValueError``."""
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"Invalid reduction: we expect one of {REDUCTIONS}. Got: {reduction!r}.")
+    return reduction
+
+
+@_eager
+def contexts_loss(
+    pred: Tensor,
+    target: Tensor,
+    mask: Tensor | None,
+    contexts: _contexts.Contexts,
+    *,
+    reduction: str = "mean",
+) -> Tensor:
     """SSI loss over arbitrary contexts (the common core of :func:`ssi_loss` and :func:`hdn_loss`).
 
     Args:
@@ -30,18 +53,32 @@ def contexts_loss(pred: Tensor, target: Tensor, mask: Tensor | None, contexts: _
         target: same shape.
         mask: bool mask or ``None``.
         contexts: a :class:`hdn.contexts.Contexts` of the same ``(B, H, W)``.
+        reduction: ``"mean"``, ``"sum"``, ``"per_image"`` or ``"none"``, as in :func:`hdn_loss`.
 
     Returns:
-        scalar loss (float32, or float64 for float64 inputs).
+        the reduced loss (float32, or float64 for float64 inputs). For pooled contexts (the
+        random variants) pixel ``i``'s loss is ``m_i = (N_v / P) * sum_{C containing i}
+        |p_hat^C_i - g_hat^C_i|`` with ``P`` the (context, pixel) pairs of the batch, so that
+        ``sum_i m_i / N_v`` is the pooled mean; ``"per_image"`` is then image ``b``'s share
+        of it over ``N_v,b`` (it depends on the batch through ``N_v / P``), not the pooled
+        mean of the image alone.
     """
+    check_reduction(reduction)
     p, g, valid = check_depth_inputs(pred, target, mask)
     _contexts.check_contexts(contexts, p.shape, p.device, name="context")
-    return _checked_loss(p, g, valid, contexts)
+    return _output(_checked_loss(p, g, valid, contexts, reduction), pred, reduction)
 
 
-def _checked_loss(p: Tensor, g: Tensor, valid: Tensor, contexts: _contexts.Contexts) -> Tensor:
+def _checked_loss(
+    p: Tensor, g: Tensor, valid: Tensor, contexts: _contexts.Contexts, reduction: str = "mean"
+) -> Tensor:
     """:func:`contexts_loss` on inputs from :func:`check_depth_inputs`, ``(B, H, W)``."""
-    return _apply_core(*_prepare_core(p, g, valid, contexts))
+    return _apply_core(*_prepare_core(p, g, valid, contexts), reduction)
+
+
+def _output(loss: Tensor, pred: Tensor, reduction: str) -> Tensor:
+    """The core's flat ``(N,)`` map in the input's layout (other reductions as they are)."""
+    return loss.view(pred.shape) if reduction == "none" else loss
 
 
 def _prepare_core(
@@ -67,13 +104,22 @@ def _prepare_core(
     return p, g, valid.reshape(-1), contexts if layout is None else layout
 
 
-def _apply_core(p: Tensor, g: Tensor, valid: Tensor, core: RowLayout | _contexts.Contexts) -> Tensor:
+def _apply_core(
+    p: Tensor, g: Tensor, valid: Tensor, core: RowLayout | _contexts.Contexts, reduction: str = "mean"
+) -> Tensor:
+    if reduction == "mean":  # (the training path: no per-image counts)
+        if isinstance(core, RowLayout):
+            return RowHierarchicalSSI.apply(p, g, core)
+        return HierarchicalSSI.apply(p, g, valid, core)
+    batch = core.batch if isinstance(core, RowLayout) else core.shape[0]
+    image_valid = torch.count_nonzero(valid.reshape(batch, -1), dim=1) if reduction == "per_image" else None
     if isinstance(core, RowLayout):
-        return RowHierarchicalSSI.apply(p, g, core)
-    return HierarchicalSSI.apply(p, g, valid, core)
+        return RowHierarchicalSSI.apply(p, g, core, reduction, image_valid)
+    return HierarchicalSSI.apply(p, g, valid, core, reduction, image_valid)
 
 
-def ssi_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+@_eager
+def ssi_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None, *, reduction: str = "mean") -> Tensor:
     """Image-level scale-and-shift-invariant mean absolute error.
 
     .. math:: \\mathcal L = \\frac{1}{\\sum_b n_b}\\sum_b\\sum_{i \\in v_b}
@@ -84,19 +130,26 @@ def ssi_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor
         pred: ``(B, 1, H, W)`` or ``(B, H, W)``, float16/bfloat16/float32/float64.
         target: same shape and device; non-finite values are invalid.
         mask: optional bool mask of the same shape (``None``: finite target).
+        reduction: ``"mean"``, ``"sum"``, ``"per_image"`` or ``"none"``, as in :func:`hdn_loss`
+            (the map is ``|p_hat_i - g_hat_i|`` at valid pixels).
 
     Returns:
-        scalar; 0 (with zero gradient) when the batch has no valid pixel.
+        scalar (``(B,)`` or a map for the other reductions); 0 (with zero gradient) when the
+        batch has no valid pixel.
 
     Examples:
         >>> g = torch.rand(2, 1, 8, 8) + 1
         >>> float(ssi_loss(3 * g + 5, g)) < 1e-4
         True
+        >>> ssi_loss(torch.rand(2, 1, 8, 8), g, reduction="per_image").shape
+        torch.Size([2])
     """
+    check_reduction(reduction)
     p, g, valid = check_depth_inputs(pred, target, mask)
-    return _checked_loss(p, g, valid, _contexts.GridContexts(valid, 1))
+    return _output(_checked_loss(p, g, valid, _contexts.GridContexts(valid, 1), reduction), pred, reduction)
 
 
+@_eager
 def hdn_loss(
     pred: Tensor,
     target: Tensor,
@@ -104,16 +157,22 @@ def hdn_loss(
     *,
     context: str | _contexts.Contexts = "dr",
     levels: int = 3,
+    reduction: str = "mean",
 ) -> Tensor:
     """Hierarchical depth normalization (HDN) loss.
 
     Every context ``C`` (a set of valid pixels) normalises prediction and target on its own,
-    ``|p_hat_C - g_hat_C|`` per pixel; each pixel's loss is the mean over the contexts that
-    contain it, and the batch loss the sum over pixels divided by the number of valid
-    pixels (pixels in no context count 0):
+    ``|p_hat_C - g_hat_C|`` per pixel; pixel ``i``'s loss ``m_i`` is the mean over the
+    contexts ``\\mathcal C_i`` that contain it (0 for a pixel in none), and the batch loss the
+    sum over pixels divided by the number ``N_v`` of valid pixels of the batch:
 
-    .. math:: \\mathcal L = \\frac{1}{N_v}\\sum_i \\frac{1}{|\\mathcal C_i|}\\sum_{C \\in \\mathcal C_i}
-              \\left|\\hat p^C_i - \\hat g^C_i\\right|
+    .. math:: m_i = \\frac{1}{|\\mathcal C_i|}\\sum_{C \\in \\mathcal C_i}
+              \\left|\\hat p^C_i - \\hat g^C_i\\right|,\\qquad
+              \\mathcal L = \\frac{1}{N_v}\\sum_i m_i
+
+    The contexts are built from ``target`` as given: DR and DP bins follow its values, so
+    bins of a disparity target differ from bins of the depth target (train in the space of
+    your ground truth, and pass a prediction in the same space).
 
     Args:
         pred: ``(B, 1, H, W)`` or ``(B, H, W)``.
@@ -125,15 +184,29 @@ def hdn_loss(
         levels: hierarchy depth ``L >= 1``. With ``"ds"``, ``L = 1`` is :func:`ssi_loss`; with
             ``"dr"``/``"dp"`` level 0 still leaves the maximum-depth pixels out (released
             behaviour), so ``L = 1`` differs from :func:`ssi_loss` by those pixels.
+        reduction: ``"mean"`` (default) ``L`` above; ``"sum"`` ``sum_i m_i``; ``"per_image"``
+            ``(B,)``, image ``b``'s ``sum_{i in b} m_i / N_v,b`` over its own valid pixels
+            (0 for an image without any): the loss of that image alone, and ``"mean"`` is
+            their average weighted by ``N_v,b``; ``"none"`` the map ``m`` in the input's
+            layout, ``(B, 1, H, W)`` or ``(B, H, W)``, 0 at invalid pixels and pixels in no
+            context, with ``m.sum() / N_v`` equal to ``"mean"``. Gradients are exact for all.
 
     Returns:
-        scalar; 0 with zero gradient when the batch has no valid pixel.
+        the reduced loss, float32 (float64 for float64 inputs); 0 with zero gradient when the
+        batch has no valid pixel.
 
     Examples:
         >>> g = torch.rand(2, 1, 16, 16) + 1
         >>> float(hdn_loss(2 * g + 1, g, context="dp", levels=3)) < 1e-4
         True
+        >>> p = torch.rand(2, 1, 16, 16)
+        >>> m = hdn_loss(p, g, context="ds", levels=2, reduction="none")
+        >>> m.shape
+        torch.Size([2, 1, 16, 16])
+        >>> bool(torch.isclose(m.sum() / g.numel(), hdn_loss(p, g, context="ds", levels=2)))
+        True
     """
+    check_reduction(reduction)
     if isinstance(context, str):
         check_levels(levels)
         p, g, valid = check_depth_inputs(pred, target, mask)
@@ -144,12 +217,12 @@ def hdn_loss(
         prepared = _prepare_core(p, g, valid, _contexts.build_checked(context, g, valid, levels))
         # the contexts built here are gone before the loss runs (their sorted order is as
         # large as an image batch); the row layout holds what the loss needs
-        return _apply_core(*prepared)
-    return contexts_loss(pred, target, mask, context)
+        return _output(_apply_core(*prepared, reduction), pred, reduction)
+    return contexts_loss(pred, target, mask, context, reduction=reduction)
 
 
 def gradient_matching_loss(
-    pred: Tensor, target: Tensor, mask: Tensor | None = None, *, scales: int = 4
+    pred: Tensor, target: Tensor, mask: Tensor | None = None, *, scales: int = 4, reduction: str = "mean"
 ) -> Tensor:
     """Multi-scale gradient matching on the SSI-normalised residual (MiDaS).
 
@@ -167,9 +240,16 @@ def gradient_matching_loss(
         target: same shape; non-finite values are invalid.
         mask: optional bool mask.
         scales: number of scales ``K >= 1``.
+        reduction: ``"mean"`` (default) ``L`` above. The other reductions use the map ``m``
+            that holds each difference at its first (left or upper) pixel on the full
+            grid, weighted ``N_v / (K N_v^k)`` (``N_v = N_v^0``), so that ``m.sum() / N_v``
+            is ``L``: ``"sum"`` ``m.sum()``, ``"per_image"`` ``(B,)`` image ``b``'s
+            ``sum_{i in b} m_i / N_v,b`` (the weights use the batch's counts, so this is
+            the image's share of ``L``, not its loss alone), ``"none"`` the map in the
+            input's layout.
 
     Returns:
-        scalar.
+        the reduced loss.
 
     Examples:
         >>> g = torch.rand(1, 1, 16, 16) + 1
@@ -178,9 +258,12 @@ def gradient_matching_loss(
     """
     if isinstance(scales, bool) or not isinstance(scales, int) or scales < 1:
         raise ValueError(f"Invalid scales: we expect an integer >= 1. Got: {scales!r}.")
+    check_reduction(reduction)
     p, g, valid = check_depth_inputs(pred, target, mask)
     residual = ssi_normalize(p, valid) - ssi_normalize(g, valid)
     total = residual.sum() * 0  # keeps the graph: a batch without valid pixels gets a zero gradient
+    n_valid = int(valid.sum())
+    loss_map = residual * 0 if reduction != "mean" else None
     for k in range(scales):
         step = 2**k
         r, v = residual[:, ::step, ::step], valid[:, ::step, ::step]
@@ -189,13 +272,34 @@ def gradient_matching_loss(
         gx = torch.where(vx, (r[:, :, 1:] - r[:, :, :-1]).abs(), 0)
         gy = torch.where(vy, (r[:, 1:, :] - r[:, :-1, :]).abs(), 0)
         n = int(v.sum())
-        if n:
+        if not n:
+            continue
+        if loss_map is None:
             total = total + (gx.sum() + gy.sum()) / n
-    return total / scales
+            continue
+        # each difference at its first pixel, (y, x) of scale k at (y * step, x * step)
+        at = torch.nn.functional.pad(gx, (0, 1)) + torch.nn.functional.pad(gy, (0, 0, 0, 1))
+        weight = n_valid / (scales * n)
+        coarse = torch.zeros_like(residual)
+        coarse[:, ::step, ::step] = at * weight
+        loss_map = loss_map + coarse
+    if loss_map is None:
+        return total / scales
+    return _reduce_map(loss_map, valid, reduction, pred)
+
+
+def _reduce_map(loss_map: Tensor, valid: Tensor, reduction: str, pred: Tensor) -> Tensor:
+    """A ``(B, H, W)`` loss map reduced as ``reduction`` says (not ``"mean"``)."""
+    if reduction == "sum":
+        return loss_map.sum()
+    if reduction == "per_image":
+        counts = torch.count_nonzero(valid.reshape(valid.shape[0], -1), dim=1).to(loss_map.dtype)
+        return loss_map.flatten(1).sum(1) / counts.clamp(min=1)
+    return loss_map.reshape(pred.shape)
 
 
 class SSILoss(nn.Module):
-    """Module form of :func:`ssi_loss`.
+    """Module form of :func:`ssi_loss`; stores ``reduction`` (shown in the repr unless ``"mean"``).
 
     Examples:
         >>> g = torch.rand(2, 1, 8, 8) + 1
@@ -203,12 +307,19 @@ class SSILoss(nn.Module):
         True
     """
 
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = check_reduction(reduction)
+
     def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-        return ssi_loss(pred, target, mask)
+        return ssi_loss(pred, target, mask, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return "" if self.reduction == "mean" else f"reduction={self.reduction!r}"
 
 
 class HDNLoss(nn.Module):
-    """Module form of :func:`hdn_loss`; stores ``context`` and ``levels``.
+    """Module form of :func:`hdn_loss`; stores ``context``, ``levels`` and ``reduction``.
 
     Examples:
         >>> loss = HDNLoss(context="ds", levels=2)
@@ -217,32 +328,32 @@ class HDNLoss(nn.Module):
         True
     """
 
-    def __init__(self, context: str = "dr", levels: int = 3):
+    def __init__(self, context: str = "dr", levels: int = 3, reduction: str = "mean"):
         super().__init__()
         check_levels(levels)
         if context not in _contexts.CONTEXT_NAMES:
             raise ValueError(f"Invalid context: we expect one of {_contexts.CONTEXT_NAMES}. Got: {context!r}.")
-        self.context, self.levels = context, levels
+        self.context, self.levels, self.reduction = context, levels, check_reduction(reduction)
 
     def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-        return hdn_loss(pred, target, mask, context=self.context, levels=self.levels)
+        return hdn_loss(pred, target, mask, context=self.context, levels=self.levels, reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return f"context={self.context!r}, levels={self.levels}"
+        options = f"context={self.context!r}, levels={self.levels}"
+        return options if self.reduction == "mean" else f"{options}, reduction={self.reduction!r}"
 
 
 class GradientMatchingLoss(nn.Module):
-    """Module form of :func:`gradient_matching_loss`."""
+    """Module form of :func:`gradient_matching_loss`; stores ``scales`` and ``reduction``."""
 
-    def __init__(self, scales: int = 4):
+    def __init__(self, scales: int = 4, reduction: str = "mean"):
         super().__init__()
         if isinstance(scales, bool) or not isinstance(scales, int) or scales < 1:
             raise ValueError(f"Invalid scales: we expect an integer >= 1. Got: {scales!r}.")
-        self.scales = scales
+        self.scales, self.reduction = scales, check_reduction(reduction)
 
     def extra_repr(self) -> str:
-        return f"scales={self.scales}"
+        return f"scales={self.scales}" + ("" if self.reduction == "mean" else f", reduction={self.reduction!r}")
 
     def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-        return gradient_matching_loss(pred, target, mask, scales=self.scales)
-
+        return gradient_matching_loss(pred, target, mask, scales=self.scales, reduction=self.reduction)

@@ -65,6 +65,7 @@ class RowLayout:
         groups: per level (level 0 first), the number of consecutive rows that form one
             context of that level; ``S`` is divisible by each.
         num_pixels: ``N = B * H * W``.
+        batch: ``B``; rows are image-major, ``S / B`` per image.
     """
 
     member: Tensor
@@ -72,6 +73,7 @@ class RowLayout:
     num_valid: int
     groups: list[int]
     num_pixels: int
+    batch: int
 
     def gather_pair(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         """``(N,)`` finite prediction and target -> both laid out ``(S, C)``."""
@@ -94,6 +96,11 @@ class RowLayout:
     def per_pixel(self, grad: Tensor) -> Tensor:  # pragma: no cover - abstract
         """A laid-out gradient, flat ``(S * C + 1,)`` with a 0 at the end (0 outside members),
         as ``(N,)`` per pixel (0 for pixels in no row)."""
+        raise NotImplementedError
+
+    def laid_weights(self, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """``(N,)`` per-pixel weights laid out ``(S, C)``, 0 outside the members (the adjoint
+        of :meth:`per_pixel` on the members)."""
         raise NotImplementedError
 
 
@@ -147,6 +154,7 @@ class GridLayout(RowLayout):
         B, H, W = valid.shape
         self.shape = (B, H, W)
         self.num_pixels = B * H * W
+        self.batch = B
         self.cells = cells = 2 ** (levels - 1)
         dev = valid.device
         rows, row_real, row_back, self.cell_h = _cell_axis(H, cells)
@@ -230,6 +238,10 @@ class GridLayout(RowLayout):
     def gather(self, x: Tensor) -> Tensor:
         return self._arrange(x.view(self.shape))
 
+    def laid_weights(self, weight: Tensor) -> Tensor:
+        # (padding repeats a real pixel; a copy even where the layout is a view)
+        return torch.where(self.member, self.gather(weight.contiguous()), 0)
+
     def per_pixel(self, grad: Tensor) -> Tensor:
         out = self.scatter(grad[:-1])
         # a view (L = 1, no padding) would hand the caller a kept scratch buffer
@@ -277,8 +289,9 @@ class GatherLayout(RowLayout):
     Build with :meth:`from_sorted`.
     """
 
-    def __init__(self, index, front, length, inverse, groups, num_pixels, num_valid=None):
+    def __init__(self, index, front, length, inverse, groups, num_pixels, num_valid=None, batch=1):
         self.index, self.front, self.length = index, front, length
+        self.batch = batch
         self.num_valid = int(length.sum()) if num_valid is None else num_valid
         self.inverse, self.groups, self.num_pixels = inverse, groups, num_pixels
         self.shape = tuple(index.shape)
@@ -350,7 +363,7 @@ class GatherLayout(RowLayout):
         inverse = inverse[:N]
         laid_target = None if values is None else windows(values.reshape(-1), -float("inf"), float("inf"))
         groups = [2 ** (levels - 1 - lvl) for lvl in range(levels)]
-        layout = cls(index, front, length, inverse, groups, N, num_valid)
+        layout = cls(index, front, length, inverse, groups, N, num_valid, B)
         layout.laid_target = laid_target
         return layout
 
@@ -420,6 +433,12 @@ class GatherLayout(RowLayout):
 
     def per_pixel(self, grad: Tensor) -> Tensor:
         return grad.index_select(0, self.inverse)
+
+    def laid_weights(self, weight: Tensor) -> Tensor:
+        S, C = self.shape
+        # pixels in no context all land in the extra slot S * C, which is dropped
+        out = weight.new_zeros(S * C + 1).index_copy_(0, self.inverse.long(), weight)
+        return out[: S * C].view(S, C)
 
     def swing_below(self, group: int) -> Tensor:
         """For each swing entry (rows of ``self.swing``, in order), whether it reads ``-inf``
@@ -746,18 +765,31 @@ def padded_row_lower_medians(
     return _run_selections(selections, work)
 
 
+REDUCTIONS = ("mean", "sum", "per_image", "none")
+"""What the losses return: the batch mean, the sum, one value per image, the per-pixel map."""
+
+
 class RowHierarchicalSSI(torch.autograd.Function):
     """HDN's ``"mean"`` aggregation over a :class:`RowLayout`.
 
-    ``forward(pred, target, layout)`` with flat ``(N,)`` inputs, ``pred`` finite, and the
-    layout of the valid pixels. Every member pixel is in exactly one context per level, so
-    its loss is the mean of its ``L`` per-level losses; the batch loss is their sum over
-    the number of valid pixels (``layout.num_valid``). A batch without a valid pixel gives
-    0 and a zero gradient.
+    ``forward(pred, target, layout, reduction="mean", image_valid=None)`` with flat ``(N,)``
+    inputs, ``pred`` finite, and the layout of the valid pixels. Every member pixel is in
+    exactly one context per level, so its loss ``m_i`` is the mean of its ``L`` per-level
+    losses (0 for a pixel in no row). ``reduction``:
+
+    * ``"mean"``: ``sum_i m_i / N_v`` with ``N_v = layout.num_valid``;
+    * ``"sum"``: ``sum_i m_i``;
+    * ``"per_image"``: ``(B,)``, image ``b``'s ``sum_i m_i / N_v,b`` with ``image_valid[b] = N_v,b``
+      (its valid pixels; 0 for an image without any);
+    * ``"none"``: ``(N,)``, the map ``m``.
+
+    A batch without a valid pixel gives 0 and a zero gradient. The backward is analytic: a
+    scalar (``"mean"``, ``"sum"``) or per-row (``"per_image"``) factor on the saved signs, or
+    per-entry weights laid out like the rows (``"none"``).
     """
 
     @staticmethod
-    def forward(ctx, pred: Tensor, target: Tensor, layout: RowLayout) -> Tensor:  # type: ignore[override]
+    def forward(ctx, pred: Tensor, target: Tensor, layout: RowLayout, reduction: str = "mean", image_valid: Tensor | None = None) -> Tensor:  # type: ignore[override]
         zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
         # ``pred`` is finite (the caller's check); non-finite targets are invalid.
         P, G = layout.gather_pair(pred, target)
@@ -765,6 +797,8 @@ class RowHierarchicalSSI(torch.autograd.Function):
         S = P.shape[0]
         work = _Workspace(P)
         total = zero.clone()
+        per_image = pred.new_zeros(layout.batch) if reduction == "per_image" else None
+        loss_map = pred.new_zeros(P.numel() + 1) if reduction == "none" else None  # laid out, trailing 0
         saved = []
         backward = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         counts = [layout.length.view(S // group, group).sum(1) for group in layout.groups]
@@ -779,7 +813,12 @@ class RowHierarchicalSSI(torch.autograd.Function):
             ip = (_abs_row_sums(_centered(Pl, tp, mask, R, dp)) / n1 + EPS).reciprocal_()
             diff = dp.mul_(ip.unsqueeze(1)).addcmul_(dg, ig.neg().unsqueeze(1))
             row_loss = _abs_row_sums(diff)  # sum |p_hat - g_hat|
-            total = total + row_loss.sum()
+            if per_image is not None:
+                per_image += row_loss.view(layout.batch, -1).sum(1)
+            elif loss_map is not None:
+                loss_map[:-1].view(R, -1).add_(diff.abs())  # 0 outside the members
+            else:
+                total = total + row_loss.sum()
             if not backward:
                 continue
             # for the backward: sign(p_hat - g_hat) and, per row, its sum and its products
@@ -789,18 +828,31 @@ class RowHierarchicalSSI(torch.autograd.Function):
             signed_g = sign.mul_(dg).sum(1).mul_(ig)
             saved.append((n, tp, ip, cp, tg, ig, cg, saved_sign, sign_sum, row_loss + signed_g, signed_g))
         del work
+        levels = len(layout.groups)
         n_valid = layout.num_valid
-        scale = 1.0 / (len(layout.groups) * n_valid) if n_valid else 0.0
-        ctx.layout, ctx.saved, ctx.scale, ctx.mask = layout, saved, scale, mask
+        if reduction == "mean":
+            scale: float | Tensor = 1.0 / (levels * n_valid) if n_valid else 0.0
+            out = total * scale
+        elif reduction == "sum":
+            scale = 1.0 / levels
+            out = total * scale
+        elif reduction == "per_image":
+            counts_b = image_valid.to(pred.dtype)
+            scale = torch.where(counts_b > 0, 1.0 / (levels * counts_b.clamp(min=1)), 0.0)  # (B,)
+            out = per_image * scale
+        else:
+            scale = 1.0 / levels
+            out = layout.per_pixel(loss_map).mul_(scale)
+        ctx.layout, ctx.saved, ctx.scale, ctx.mask, ctx.reduction = layout, saved, scale, mask, reduction
         need_p, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.save_for_backward(P if need_p else None, G if need_g else None)
-        return total * scale
+        return out
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         need_p, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_p or need_g):
-            return None, None, None
+            return None, None, None, None, None
         P, G = ctx.saved_tensors
         layout, mask = ctx.layout, ctx.mask
         X = P if need_p else G
@@ -812,23 +864,36 @@ class RowHierarchicalSSI(torch.autograd.Function):
         for grad in (grad_p, grad_g):
             if grad is not None:
                 grad.zero_()
-        c = grad_output * ctx.scale  # d loss / d |p_hat - g_hat| at every member entry
+        # d loss / d |p_hat - g_hat| at every member entry: a scalar ("mean", "sum"), one per
+        # image ("per_image"; rows are image-major) or one per entry ("none")
+        c = grad_output * ctx.scale
+        weights = layout.laid_weights(c) if ctx.reduction == "none" else None
         for group, (n, tp, ip, cp, tg, ig, cg, sign, sign_sum, signed_p, signed_g) in zip(layout.groups, ctx.saved):
             R = S // group
             n1 = (n + 1).to(X.dtype)
             s = sign.view(R, -1)  # sign(p_hat - g_hat), int8
+            if weights is not None:
+                k = weights.view(R, -1)
+                if need_p:
+                    _row_weighted_normalization_backward(P.view(R, -1), mask, s, k, tp, ip, cp, n, n1, work.view(0, R), grad_p)
+                if need_g:
+                    _row_weighted_normalization_backward(G.view(R, -1), mask, s, -k, tg, ig, cg, n, n1, work.view(0, R), grad_g)
+                continue
+            k = c.repeat_interleave(R // layout.batch) if c.dim() else c
             if need_p:
                 _row_normalization_backward(
-                    P.view(R, -1), mask, s, c, tp, ip, cp, n, n1, sign_sum, signed_p, work.view(0, R), grad_p
+                    P.view(R, -1), mask, s, k, tp, ip, cp, n, n1, sign_sum, signed_p, work.view(0, R), grad_p
                 )
             if need_g:
                 _row_normalization_backward(
-                    G.view(R, -1), mask, s, -c, tg, ig, cg, n, n1, sign_sum, signed_g, work.view(0, R), grad_g
+                    G.view(R, -1), mask, s, -k, tg, ig, cg, n, n1, sign_sum, signed_g, work.view(0, R), grad_g
                 )
         del work
         return (
             layout.per_pixel(grad_p) if need_p else None,
             layout.per_pixel(grad_g) if need_g else None,
+            None,
+            None,
             None,
         )
 
@@ -895,5 +960,38 @@ def _row_normalization_backward(
     out = grad[: R * C].view(R, C)
     out.addcmul_(sign, d_scale_per_n.unsqueeze(1))
     out.addcmul_(work.copy_(s), k_inv.unsqueeze(1))  # (a float copy: int8 operands are slow)
+    flat = torch.arange(R, device=x.device) * C + col
+    grad.index_add_(0, flat, d_shift)
+
+
+def _row_weighted_normalization_backward(
+    x: Tensor,
+    mask: Tensor | None,
+    s: Tensor,
+    k: Tensor,
+    t: Tensor,
+    inv: Tensor,
+    col: Tensor,
+    n: Tensor,
+    n1: Tensor,
+    work: Tensor,
+    grad: Tensor,
+) -> None:
+    """:func:`_row_normalization_backward` with a weight per entry: add the gradient of
+    ``sum(k * s * x_hat)`` w.r.t. ``x`` to ``grad``, ``k`` ``(R, C)`` (0 outside the members).
+
+    With ``r_i = k_i s_i`` the formulas are those of :func:`_row_normalization_backward`;
+    the row sums ``sum_i r_i`` and ``sum_i r_i x_hat_i`` are taken here (the forward's sums
+    hold only for a weight per row)."""
+    R, C = x.shape
+    r = s.to(x.dtype).mul_(k)
+    centered = _centered(x, t, mask, R, work)
+    sum_r = r.sum(1)
+    d_scale_per_n = (r * centered).sum(1).mul_(inv).mul_(inv).neg_().div_(n1)  # dL/ds / (n + 1)
+    sign = centered.sign_()
+    d_shift = (-inv * sum_r - d_scale_per_n * sign.sum(1)) * (n > 0)
+    out = grad[: R * C].view(R, C)
+    out.addcmul_(sign, d_scale_per_n.unsqueeze(1))
+    out.addcmul_(r, inv.unsqueeze(1))
     flat = torch.arange(R, device=x.device) * C + col
     grad.index_add_(0, flat, d_shift)

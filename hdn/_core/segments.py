@@ -353,11 +353,18 @@ class HierarchicalSSI(torch.autograd.Function):
     * ``"pooled"`` (random-context variants): the sum of all (context, pixel) losses divided
       by the number of such pairs.
 
+    Per pixel, the loss map is ``m_i = a_i * sum_{C containing i} |p_hat_i - g_hat_i|`` with
+    ``a_i = 1 / |C_i|`` (``"mean"``: the pixel's mean over its contexts) or ``a_i = N_v / P``
+    (``"pooled"``: ``P`` pairs), so that ``sum_i m_i / N_v`` is the loss in both cases.
+    ``reduction`` (see :data:`hdn._core.rows.REDUCTIONS`): ``"mean"`` that loss, ``"sum"``
+    ``sum_i m_i``, ``"per_image"`` ``(B,)`` image ``b``'s ``sum_i m_i / N_v,b`` (``image_valid``,
+    0 for an image without valid pixels), ``"none"`` the map ``(N,)``.
+
     A batch without any valid pixel (or without any pair) gives 0 and a zero gradient.
     """
 
     @staticmethod
-    def forward(ctx, pred: Tensor, target: Tensor, valid: Tensor, contexts) -> Tensor:  # type: ignore[override]
+    def forward(ctx, pred: Tensor, target: Tensor, valid: Tensor, contexts, reduction: str = "mean", image_valid: Tensor | None = None) -> Tensor:  # type: ignore[override]
         B = contexts.shape[0]
         zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
         p = torch.where(valid, pred, zero)
@@ -372,6 +379,7 @@ class HierarchicalSSI(torch.autograd.Function):
         # levels whose ids ascend along the target's order need no sort for its medians
         target_sorted = target_sorted and getattr(contexts, "sorted_by_target_order", False)
         pooled = contexts.aggregation == "pooled"
+        per_pixel = not pooled or reduction in ("per_image", "none")  # the pooled mean needs no map
         loss_sum = torch.zeros_like(p)
         in_contexts = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)  # levels per pixel
         saved = []
@@ -404,23 +412,46 @@ class HierarchicalSSI(torch.autograd.Function):
             if pooled:
                 pooled_total = pooled_total + entry_loss.sum()
                 n_pairs += int(sp.count.sum())
-            else:
+            if per_pixel:
                 _accumulate(loss_sum, entry_loss, segments.pix)
+            if not pooled:
                 _accumulate(in_contexts, segments.member.to(torch.uint8), segments.pix)
             del entry_loss, diff, segments, entries_per_slot
         del order_p, order_g, rank_p, rank_g
         n_valid = int(valid.sum())
+        # ``weight``: d loss / d (context, pixel) loss, per pixel, for a unit gradient of the
+        # scalar ("mean", "sum"); for "per_image" and "none" the map's a_i, scaled in the backward
         if pooled:
-            loss = pooled_total / n_pairs if n_pairs else zero
-            weight = torch.full_like(p, 1.0 / n_pairs) if n_pairs else torch.zeros_like(p)
+            a = n_valid / n_pairs if n_pairs else 0.0
+            if reduction == "mean":
+                loss = pooled_total / n_pairs if n_pairs else zero
+                weight = torch.full_like(p, 1.0 / n_pairs if n_pairs else 0.0)
+            elif reduction == "sum":
+                loss = pooled_total * a
+                weight = torch.full_like(p, a)
+            else:
+                loss_map = loss_sum.mul_(a)
+                weight = torch.full_like(p, a)
         else:
             weight = in_contexts.clamp_(min=1).to(p.dtype).reciprocal_()
             del in_contexts
-            loss = loss_sum.mul_(weight).sum() / n_valid if n_valid else zero
-            weight = weight.mul_(1.0 / n_valid) if n_valid else weight.zero_()
+            loss_map = loss_sum.mul_(weight)
+            if reduction == "mean":
+                loss = loss_map.sum() / n_valid if n_valid else zero
+                weight = weight.mul_(1.0 / n_valid) if n_valid else weight.zero_()
+            elif reduction == "sum":
+                loss = loss_map.sum()
+        scale = None
+        if reduction == "per_image":
+            counts = image_valid.to(p.dtype)
+            scale = torch.where(counts > 0, 1.0 / counts.clamp(min=1), 0.0)  # (B,)
+            loss = loss_map.view(B, -1).sum(1) * scale
+        elif reduction == "none":
+            loss = loss_map
         del loss_sum
         ctx.contexts = contexts
         ctx.saved = saved
+        ctx.reduction, ctx.scale = reduction, scale
         ctx.save_for_backward(p, g, valid, weight)
         return loss
 
@@ -432,6 +463,12 @@ class HierarchicalSSI(torch.autograd.Function):
         need_p, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_p = torch.zeros_like(p) if need_p else None
         grad_g = torch.zeros_like(g) if need_g else None
+        if ctx.reduction == "per_image":  # d out_b / d m_i = 1 / N_v,b for the pixels of image b
+            weight = (weight.view(B, -1) * (grad_output * ctx.scale).unsqueeze(1)).view(-1)
+            grad_output = torch.ones((), dtype=weight.dtype, device=weight.device)
+        elif ctx.reduction == "none":
+            weight = weight * grad_output.reshape(-1)
+            grad_output = torch.ones((), dtype=weight.dtype, device=weight.device)
         if need_p or need_g:
             for level_index, (sp, sg, diff_sign) in enumerate(ctx.saved):
                 segments = resolve_level(contexts.level(level_index), valid, B)
@@ -448,4 +485,4 @@ class HierarchicalSSI(torch.autograd.Function):
                         through_median=not contexts.detach_pred_median,
                     )
                 del r, segments
-        return grad_p, grad_g, None, None
+        return grad_p, grad_g, None, None, None, None

@@ -20,6 +20,24 @@ Reproducibility: the model is initialised from ``seed``; the batch of step ``s``
 order, random crops and flips, random contexts) is drawn from a ``torch.Generator``
 seeded by ``(seed, s)``, so a run resumed from a checkpoint repeats exactly the steps an
 uninterrupted run would take, and two runs on the same CPU give identical weights.
+
+Distributed data parallel (DDP)::
+
+    torchrun --nproc_per_node=2 -m hdn.toy.train --loss hdn-dr --steps 500 --out runs/dr
+
+Under ``torchrun`` (``WORLD_SIZE > 1``), or when the caller has already initialised a
+``torch.distributed`` process group, every rank draws the same global batch of
+``batch_size`` images and keeps its share, ``DistributedSampler``-style (rank ``r`` of
+``W`` takes positions ``r, r + W, ...``; ``batch_size`` must be a multiple of ``W``).
+The backend is gloo on the CPU and nccl on a GPU (``cuda:LOCAL_RANK``). Each rank's loss
+is the sum over its pixels (``reduction="sum"``) divided by the valid pixels of the whole
+global batch (an all-reduce), times ``W`` because DDP averages the gradients over ranks:
+for the fixed hierarchies and SSI the step is then the single-process step on the global
+batch. (The pooled random variants draw their contexts per rank, and the gradient-matching
+term's per-scale counts are per rank, so there the run is close to, not equal to, a
+single-process one.) The logged loss is reduced over ranks; rank 0 alone writes the
+checkpoint (the unwrapped model's weights, interchangeable with single-process runs) and
+``metrics.json`` and evaluates the test split, and every rank returns its metrics.
 """
 
 from __future__ import annotations
@@ -35,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -73,7 +92,7 @@ LossFn = Callable[..., Tensor]
 
 
 def make_loss(name: str, levels: int = 3) -> LossFn:
-    """The training loss called ``name``, as ``loss(pred, target, mask, generator=None)``.
+    """The training loss called ``name``, as ``loss(pred, target, mask, generator=None, reduction="mean")``.
 
     - ``"ssi"``: :func:`hdn.ssi_loss` (image-level normalisation; ``levels`` is ignored);
     - ``"hdn-dr"``, ``"hdn-dp"``, ``"hdn-ds"``: :func:`hdn.hdn_loss` with depth-range,
@@ -88,7 +107,8 @@ def make_loss(name: str, levels: int = 3) -> LossFn:
         levels: hierarchy depth ``L >= 1``.
 
     Returns:
-        a callable ``(pred, target, mask, generator=None) -> scalar Tensor``.
+        a callable ``(pred, target, mask, generator=None, reduction="mean") -> Tensor``
+        (``reduction`` as in :func:`hdn.hdn_loss`; distributed training uses ``"sum"``).
 
     Examples:
         >>> g = torch.rand(2, 1, 16, 16) + 1
@@ -105,8 +125,9 @@ def make_loss(name: str, levels: int = 3) -> LossFn:
             target: Tensor,
             mask: Tensor | None,
             generator: torch.Generator | None = None,
+            reduction: str = "mean",
         ) -> Tensor:
-            return ssi_loss(pred, target, mask)
+            return ssi_loss(pred, target, mask, reduction=reduction)
 
     elif name in ("hdn-dr", "hdn-dp", "hdn-ds"):
         context = name[-2:]
@@ -116,8 +137,9 @@ def make_loss(name: str, levels: int = 3) -> LossFn:
             target: Tensor,
             mask: Tensor | None,
             generator: torch.Generator | None = None,
+            reduction: str = "mean",
         ) -> Tensor:
-            return hdn_loss(pred, target, mask, context=context, levels=levels)
+            return hdn_loss(pred, target, mask, context=context, levels=levels, reduction=reduction)
 
     elif name in ("hdn-rdi", "hdn-rc"):
         sample = _contexts.random_depth_intervals if name == "hdn-rdi" else _contexts.random_crops
@@ -128,9 +150,10 @@ def make_loss(name: str, levels: int = 3) -> LossFn:
             target: Tensor,
             mask: Tensor | None,
             generator: torch.Generator | None = None,
+            reduction: str = "mean",
         ) -> Tensor:
             contexts = sample(target, mask, num=num, generator=generator)
-            return hdn_loss(pred, target, mask, context=contexts)
+            return hdn_loss(pred, target, mask, context=contexts, reduction=reduction)
 
     else:
         raise ValueError(f"Invalid loss: we expect one of {LOSS_NAMES}. Got: {name!r}.")
@@ -272,28 +295,40 @@ def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
 
 
 def _draw_batch(
-    train: Mapping[str, Tensor], step: int, config: TrainConfig, generator: torch.Generator
+    train: Mapping[str, Tensor],
+    step: int,
+    config: TrainConfig,
+    generator: torch.Generator,
+    rank: int = 0,
+    world: int = 1,
 ):
+    """The batch of ``step``; with ``world > 1`` rank ``rank``'s share of the global batch
+    (positions ``rank, rank + world, ...``), every random draw made for the global batch."""
     n = train["rgb"].shape[0]
-    index = _batch_indices(step, n, config.batch_size, config.seed).to(train["rgb"].device)
-    rgb, gt, valid = train["rgb"][index], train["gt"][index], train["valid"][index]
-    H, W = rgb.shape[-2:]
+    index = _batch_indices(step, n, config.batch_size, config.seed)
+    H, W = train["rgb"].shape[-2:]
+    tops = lefts = flip = None
     if config.crop is not None:
         if config.crop > min(H, W):
             raise ValueError(
                 f"Invalid crop: we expect at most the image size {H} x {W}. Got: {config.crop}."
             )
+        tops = torch.randint(0, H - config.crop + 1, (len(index),), generator=generator)[rank::world].tolist()
+        lefts = torch.randint(0, W - config.crop + 1, (len(index),), generator=generator)[rank::world].tolist()
+    if config.hflip:
+        flip = (torch.rand(len(index), generator=generator) < 0.5)[rank::world]
+    index = index[rank::world].to(train["rgb"].device)
+    rgb, gt, valid = train["rgb"][index], train["gt"][index], train["valid"][index]
+    if tops is not None:
         c = config.crop
-        tops = torch.randint(0, H - c + 1, (len(index),), generator=generator).tolist()
-        lefts = torch.randint(0, W - c + 1, (len(index),), generator=generator).tolist()
         rgb, gt, valid = (
             torch.stack(
                 [x[i, :, t : t + c, s : s + c] for i, (t, s) in enumerate(zip(tops, lefts))]
             )
             for x in (rgb, gt, valid)
         )
-    if config.hflip:
-        flip = (torch.rand(len(index), generator=generator) < 0.5).to(rgb.device).view(-1, 1, 1, 1)
+    if flip is not None:
+        flip = flip.to(rgb.device).view(-1, 1, 1, 1)
         rgb, gt, valid = (torch.where(flip, x.flip(-1), x) for x in (rgb, gt, valid))
     return rgb, gt, valid
 
@@ -370,6 +405,31 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
+@dataclass
+class _Distributed:
+    """This process's place in a distributed run (``world = 1``: a single process)."""
+
+    rank: int = 0
+    world: int = 1
+    created: bool = False  # the process group was made here (and is destroyed here)
+
+
+def _setup_distributed(device: torch.device) -> tuple[_Distributed, torch.device]:
+    """Join the caller's process group, or make one under ``torchrun`` (``WORLD_SIZE > 1``):
+    nccl for CUDA (device ``cuda:LOCAL_RANK``), gloo for the CPU."""
+    if dist.is_available() and dist.is_initialized():
+        info = _Distributed(dist.get_rank(), dist.get_world_size())
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        info = _Distributed(dist.get_rank(), dist.get_world_size(), created=True)
+    else:
+        return _Distributed(), device
+    if device.type == "cuda" and info.world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", info.rank % torch.cuda.device_count())))
+        torch.cuda.set_device(device)
+    return info, device
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -400,7 +460,19 @@ def train(
     if not isinstance(config, TrainConfig):
         raise ValueError(f"Invalid config: we expect a TrainConfig. Got: {type(config).__name__}.")
     wall_start = time.perf_counter()
-    device = _resolve_device(config.device)
+    parallel, device = _setup_distributed(_resolve_device(config.device))
+    if config.batch_size % parallel.world:
+        raise ValueError(
+            f"Invalid batch_size: we expect a multiple of the {parallel.world} ranks. Got: {config.batch_size}."
+        )
+    try:
+        return _train(config, data, progress, parallel, device, wall_start)
+    finally:
+        if parallel.created:
+            dist.destroy_process_group()
+
+
+def _train(config, data, progress, parallel, device, wall_start) -> TrainResult:
     splits = _load_data(config, data)
     train_set = _as_tensors(splits["train"], device)
     test_set = _as_tensors(splits["test"], torch.device("cpu")) if "test" in splits else None
@@ -408,6 +480,7 @@ def train(
         raise ValueError("Invalid data: the train split is empty.")
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     checkpoint = out_dir / CHECKPOINT_NAME if out_dir is not None else None
+    lead = parallel.rank == 0
 
     previous = (
         torch.are_deterministic_algorithms_enabled(),
@@ -446,12 +519,17 @@ def train(
                 history,
                 train_seconds,
                 checkpoint,
-                progress,
+                progress and lead,
+                parallel,
             )
         model.eval()
         metrics: dict[str, float] = {}
-        if config.evaluate and test_set is not None and len(test_set["rgb"]):
+        if lead and config.evaluate and test_set is not None and len(test_set["rgb"]):
             metrics.update(_evaluate(model, test_set, config.near_fraction))
+        if parallel.world > 1:  # rank 0's evaluation, for every rank
+            shared = [metrics]
+            dist.broadcast_object_list(shared, src=0)
+            metrics = dict(shared[0])
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = (
@@ -464,9 +542,9 @@ def train(
     metrics["steps"] = len(history)
     metrics["train_time_s"] = train_seconds
     metrics["wall_time_s"] = time.perf_counter() - wall_start
-    if out_dir is not None:
+    if out_dir is not None and lead:
         out_dir.mkdir(parents=True, exist_ok=True)
-        report = {**metrics, "device": str(device), "config": asdict(config)}
+        report = {**metrics, "device": str(device), "config": asdict(config), "world_size": parallel.world}
         (out_dir / METRICS_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return TrainResult(
         model=model, history=history, metrics=metrics, config=config, out_dir=out_dir
@@ -474,10 +552,19 @@ def train(
 
 
 def _run_steps(
-    model, optimizer, loss_fn, train_set, config, step, history, train_seconds, checkpoint, progress
+    model, optimizer, loss_fn, train_set, config, step, history, train_seconds, checkpoint, progress,
+    parallel: _Distributed | None = None,
 ):
-    """The optimisation loop from ``step`` to ``config.steps``; saves checkpoints on the way."""
+    """The optimisation loop from ``step`` to ``config.steps``; saves checkpoints on the way
+    (rank 0 only in a distributed run)."""
+    parallel = parallel or _Distributed()
     model.train()
+    network = model
+    if parallel.world > 1:
+        device = next(model.parameters()).device
+        network = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     bar = tqdm(
         total=config.steps, initial=min(step, config.steps), desc=config.loss, disable=not progress
     )
@@ -485,29 +572,54 @@ def _run_steps(
     try:
         while step < config.steps:
             generator = torch.Generator().manual_seed(_seed_of(config.seed, 2, step))
-            rgb, gt, valid = _draw_batch(train_set, step, config, generator)
-            pred = model(rgb)
-            loss = loss_fn(pred, gt, valid, generator=generator)
-            if config.grad_matching > 0:
-                loss = loss + config.grad_matching * gradient_matching_loss(
-                    pred, gt, valid, scales=4
-                )
+            rgb, gt, valid = _draw_batch(train_set, step, config, generator, parallel.rank, parallel.world)
+            pred = network(rgb)
+            if parallel.world > 1:
+                loss, logged = _distributed_loss(loss_fn, pred, gt, valid, generator, config, parallel.world)
+            else:
+                loss = loss_fn(pred, gt, valid, generator=generator)
+                if config.grad_matching > 0:
+                    loss = loss + config.grad_matching * gradient_matching_loss(
+                        pred, gt, valid, scales=4
+                    )
+                logged = loss.detach()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-            history.append(float(loss.detach()))
+            history.append(float(logged))
             bar.update(1)
             if step % 10 == 0 or step == config.steps:
                 bar.set_postfix(loss=f"{np.mean(history[-10:]):.4f}")
             due = config.checkpoint_every and step % config.checkpoint_every == 0
             if checkpoint is not None and (due or step == config.steps):
-                checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                elapsed = train_seconds + time.perf_counter() - start
-                _save_checkpoint(checkpoint, model, optimizer, step, config, history, elapsed)
+                if parallel.rank == 0:
+                    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                    elapsed = train_seconds + time.perf_counter() - start
+                    _save_checkpoint(checkpoint, model, optimizer, step, config, history, elapsed)
+                if parallel.world > 1:
+                    dist.barrier()  # the checkpoint is complete before any rank reads it
     finally:
         bar.close()
     return history, train_seconds + time.perf_counter() - start
+
+
+def _distributed_loss(loss_fn, pred, gt, valid, generator, config, world):
+    """This rank's objective and the global batch's loss (for the log).
+
+    The losses normalise by the valid pixels of the batch they see; on a rank that is its
+    share. Here each rank sums its pixel losses (``reduction="sum"``) and divides by the
+    valid pixels of the global batch (all-reduced), times ``world`` since DDP averages the
+    gradients: the gradients are those of the global batch's loss."""
+    n_valid = torch.count_nonzero(valid & torch.isfinite(gt)).to(torch.float64).reshape(1)
+    dist.all_reduce(n_valid)
+    scale = world / max(float(n_valid), 1.0)
+    loss = loss_fn(pred, gt, valid, generator=generator, reduction="sum") * scale
+    if config.grad_matching > 0:
+        loss = loss + config.grad_matching * scale * gradient_matching_loss(pred, gt, valid, scales=4, reduction="sum")
+    logged = (loss.detach() / world).to(torch.float64).reshape(1)
+    dist.all_reduce(logged)
+    return loss, logged
 
 
 # --------------------------------------------------------------------------- CLI
