@@ -435,10 +435,10 @@ def plot_paired_differences(
                 label = f"{n_steps} steps" if p["loss"] == losses[0] else None
                 ax.plot(np.full(len(diffs), x), diffs, "o", ms=4, color=color, label=label)
         better = "below" if METRICS.get(name, True) else "above"
-        ax.set_title(f"{name}: {better} 0 = better than {baseline}")
+        ax.set_title(f"{name} ({better} 0 = better)")
         ax.set_xticks(np.arange(len(losses)), losses, rotation=30, ha="right")
         ax.set_xlabel("training loss")
-        ax.set_ylabel(f"{name} - {name} of {baseline} [unitless]")
+        ax.set_ylabel(f"difference to {baseline} [unitless]")
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize="small")
     fig.suptitle(title or f"Paired by seed: difference to {baseline}, one dot per seed")
