@@ -11,13 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hdn.toy import synthetic
 from hdn.toy.synthetic import (
+    TOY_SPLIT_OPTIONS,
+    TOY_SPLIT_PATH,
+    TOY_SPLIT_SHA256,
     arrays_sha256,
+    draw_checked_split,
     file_sha256,
     load_split,
     make_scene,
     make_split,
     save_split,
+    toy_split,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,3 +173,63 @@ def test_readme_command_regenerates_the_committed_split_bit_for_bit(tmp_path):
     )
     assert checksum in result.stdout
     assert file_sha256(tmp_path / "regenerated.npz") == checksum
+
+
+def test_package_checksum_and_split_options_are_those_of_the_readme():
+    argv, checksum = _readme_command_and_checksum()
+    assert TOY_SPLIT_SHA256 == checksum
+    options = dict(zip(argv[3::2], argv[4::2]))
+    assert options["--out"] == "data/toy_rgbd.npz"
+    assert TOY_SPLIT_PATH == DATA
+    assert {k: int(options[f"--{k}"]) for k in TOY_SPLIT_OPTIONS} == TOY_SPLIT_OPTIONS
+
+
+def test_toy_split_in_a_clone_reads_the_committed_file():
+    assert toy_split().keys() == {"train", "test"}
+    committed = load_split(DATA)
+    for split in ("train", "test"):
+        for key, value in committed[split].items():
+            assert np.array_equal(toy_split()[split][key], value, equal_nan=True), (split, key)
+
+
+def test_toy_split_rejects_a_file_that_does_not_have_the_checksum(tmp_path):
+    data = load_split(DATA)
+    data["test"] = {k: v[:3] for k, v in data["test"].items()}  # a shortened copy
+    save_split(tmp_path / "short.npz", data)
+    with pytest.raises(RuntimeError, match="sha256"):
+        toy_split(tmp_path / "short.npz")
+
+
+def test_draw_checked_split_returns_the_split_whose_checksum_it_was_given(tmp_path):
+    splits = {"train": make_split(3, 4, 16, 16), "test": make_split(2, 4, 16, 16, stream=1)}
+    digest = save_split(tmp_path / "small.npz", splits)
+    drawn = draw_checked_split(3, 2, 16, 4, sha256=digest)
+    for split, arrays in splits.items():
+        for key, value in arrays.items():
+            assert np.array_equal(drawn[split][key], value, equal_nan=True), (split, key)
+    with pytest.raises(RuntimeError, match="sha256"):
+        draw_checked_split(3, 2, 16, 5, sha256=digest)  # another seed, other scenes
+
+
+def test_toy_split_outside_a_clone_draws_the_split_and_checks_it(monkeypatch, tmp_path):
+    calls = []
+
+    def small(train, test, size, seed, sha256):
+        calls.append((train, test, size, seed, sha256))
+        return draw_checked_split(2, 1, 16, seed, sha256=small_digest)
+
+    small_digest = save_split(
+        tmp_path / "s.npz", {"train": make_split(2, 0, 16, 16), "test": make_split(1, 0, 16, 16, stream=1)}
+    )
+    monkeypatch.setattr(synthetic, "draw_checked_split", small)
+    split = toy_split(tmp_path / "missing.npz")
+    assert calls == [(256, 64, 64, 0, TOY_SPLIT_SHA256)]
+    assert split["train"]["rgb"].shape == (2, 3, 16, 16)
+    assert toy_split(None)["test"]["rgb"].shape == (1, 3, 16, 16)
+
+
+def test_toy_split_without_a_file_draws_the_committed_split_bit_for_bit():
+    drawn, committed = toy_split(None), load_split(DATA)  # passes the TOY_SPLIT_SHA256 check
+    for split in ("train", "test"):
+        for key, value in committed[split].items():
+            assert np.array_equal(drawn[split][key], value, equal_nan=True), (split, key)

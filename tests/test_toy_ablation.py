@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import matplotlib
 import pytest
+import tomllib
 
+from hdn.toy import experiments
 from hdn.toy.experiments.toy_ablation import (
+    RESULTS_DIR,
     ROW_KEYS,
+    format_paired_table,
     format_table,
     load_results,
     main,
+    paired_differences,
+    plot_paired_differences,
     plot_summary,
     summarize,
 )
@@ -131,3 +138,75 @@ def test_interior_fine_detail_error_ignores_silhouettes_but_not_a_flat_interior(
     assert float(interior_fine_detail_error(flat, d, margin=1, **kw)) > 0.05
     with pytest.raises(ValueError, match="Invalid margin"):
         interior_fine_detail_error(d, d, margin=-1)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_results_are_read_by_name_from_the_package():
+    assert {"toy_ablation.json", "toy_ablation_600.json"} <= set(experiments.result_names())
+    for name, steps in (("toy_ablation.json", 300), ("toy_ablation_600.json", 600)):
+        meta, rows = experiments.load_results(name)
+        assert meta["steps"] == steps and meta["complete"] is True
+        assert len(rows) == meta["runs_done"] == 18
+        assert all(tuple(r) == ROW_KEYS and r["steps"] == steps for r in rows)
+        # the same file as the path-based reader sees it
+        assert load_results(RESULTS_DIR / name) == (meta, rows)
+
+
+def test_results_folder_is_package_data_with_its_readme():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["hdn.toy.experiments"]
+    assert "results/*.json" in patterns and "results/README.md" in patterns
+    assert RESULTS_DIR == ROOT / "hdn" / "toy" / "experiments" / "results"
+    readme = (RESULTS_DIR / "README.md").read_text()
+    for name in experiments.result_names():
+        assert f"`{name}`" in readme, name
+
+
+@pytest.mark.parametrize("bad", ["missing.json", "../results/toy_ablation.json", "README.md", 3])
+def test_load_results_by_name_rejects_what_is_not_a_committed_json_file(bad):
+    with pytest.raises(ValueError, match="Invalid name"):
+        experiments.load_results(bad)
+
+
+def test_cli_writes_into_the_package_results_folder_by_default():
+    from hdn.toy.experiments.toy_ablation import _parser
+
+    args = _parser().parse_args([])
+    assert Path(args.out) == RESULTS_DIR / "toy_ablation.json"
+    assert Path(args.figure) == RESULTS_DIR / "toy_ablation.png"
+
+
+def test_paired_differences_pair_runs_by_seed_and_count_wins():
+    rows = [
+        _row("ssi", 0, 1.0, delta1=0.4), _row("ssi", 1, 2.0, delta1=0.5),
+        _row("hdn-dr", 0, 0.5, delta1=0.6), _row("hdn-dr", 1, 2.5, delta1=0.4),
+        _row("hdn-ds", 0, 0.9), _row("hdn-ds", 2, 0.1),  # seed 2 has no SSI run to pair with
+    ]  # fmt: skip
+    paired = paired_differences(rows)
+    assert [(p["loss"], p["seeds"]) for p in paired] == [("hdn-dr", [0, 1]), ("hdn-ds", [0])]
+    dr = paired[0]
+    assert dr["abs_rel_diffs"] == pytest.approx([-0.5, 0.5]) and dr["abs_rel_better"] == 1
+    assert dr["delta1_diffs"] == pytest.approx([0.2, -0.1]) and dr["delta1_better"] == 1
+    assert dr["delta1_mean"] == pytest.approx(0.05)
+    assert paired[1]["abs_rel_diffs"] == pytest.approx([-0.1]) and paired[1]["abs_rel_better"] == 1
+    text = format_paired_table(paired, metrics=["abs_rel", "delta1"])
+    assert text.splitlines()[1].split() == ["10", "hdn-dr", "+0.000", "(1/2", "better)",
+                                            "+0.050", "(1/2", "better)"]  # fmt: skip
+    with pytest.raises(ValueError, match="Invalid baseline"):
+        paired_differences(rows, baseline=None)
+
+
+def test_plot_paired_differences_draws_one_dot_per_seed_and_a_zero_line():
+    rows = [_row(n, s, 1.0 + s, steps=k) for n in ("ssi", "hdn-dr", "hdn-ds") for s in range(3)
+            for k in (10, 20)]  # fmt: skip
+    fig = plot_paired_differences(rows, metrics=["abs_rel", "delta1"])
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        dots = [line for line in ax.get_lines() if line.get_marker() == "o"]
+        assert sum(len(line.get_xdata()) for line in dots) == 2 * 2 * 3  # losses x steps x seeds
+        assert any(list(line.get_ydata()) == [0.0, 0.0] for line in ax.get_lines())
+        assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["hdn-dr", "hdn-ds"]
+    matplotlib.pyplot.close(fig)

@@ -54,15 +54,20 @@ import numpy as np
 
 __all__ = [
     "SPLIT_FIELDS",
+    "TOY_SPLIT_OPTIONS",
+    "TOY_SPLIT_PATH",
+    "TOY_SPLIT_SHA256",
     "Scene",
     "arrays_sha256",
     "decode_split",
+    "draw_checked_split",
     "encode_split",
     "file_sha256",
     "load_split",
     "make_scene",
     "make_split",
     "save_split",
+    "toy_split",
 ]
 
 #: Arrays of one split as returned by :func:`make_split` and :func:`load_split`.
@@ -73,6 +78,17 @@ _MAX_DEPTH = 60.0  # background depth is clipped here; 60 m fits into uint16 mil
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamp: the same arrays give the same file
 
 SeedLike = int | Sequence[int]
+
+#: Options of the committed toy split: the command in ``data/README.md``,
+#: ``python -m hdn.toy.synthetic --out data/toy_rgbd.npz --train 256 --test 64 --size 64 --seed 0``.
+TOY_SPLIT_OPTIONS = {"train": 256, "test": 64, "size": 64, "seed": 0}
+
+#: :func:`arrays_sha256` of the committed toy split, the one place in the package that holds it
+#: (``tests/test_synthetic.py`` keeps it equal to the checksum that ``data/README.md`` states).
+TOY_SPLIT_SHA256 = "66ad6c8c2b6e65f430dc398e8e13bfdc4a84ea3fab467ae7b8a63ee81f844a19"
+
+#: Where the committed split lies in a clone of the repository (absent after a wheel install).
+TOY_SPLIT_PATH = Path(__file__).resolve().parents[2] / "data" / "toy_rgbd.npz"
 
 
 @dataclass(frozen=True)
@@ -503,11 +519,7 @@ def save_split(path: str | Path, splits: Mapping[str, Mapping[str, np.ndarray]])
     Returns:
         :func:`arrays_sha256` of the stored arrays (equal to :func:`file_sha256` of ``path``).
     """
-    stored = {
-        f"{split}_{key}": value
-        for split, arrays in splits.items()
-        for key, value in encode_split(arrays).items()
-    }
+    stored = _stored_splits(splits)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -540,7 +552,19 @@ def load_split(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
         ``{split: {"rgb", "depth", "valid", "gt", "scale", "shift", "scene_seed"}}``
         with the arrays of :func:`make_split`.
     """
-    stored = _read_stored(path)
+    return _decode_stored(_read_stored(path))
+
+
+def _stored_splits(splits: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays that :func:`save_split` writes for ``splits`` (``{split}_{name}``)."""
+    return {
+        f"{split}_{key}": value
+        for split, arrays in splits.items()
+        for key, value in encode_split(arrays).items()
+    }
+
+
+def _decode_stored(stored: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     names = sorted({key.split("_", 1)[0] for key in stored})
     return {
         split: decode_split(
@@ -548,6 +572,66 @@ def load_split(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
         )
         for split in names
     }
+
+
+def _check_sha256(stored: Mapping[str, np.ndarray], sha256: str, source: str) -> None:
+    digest = arrays_sha256(stored)
+    if digest != sha256:
+        raise RuntimeError(
+            f"The toy split from {source} has arrays sha256 {digest}, not the expected {sha256}. "
+            "A regenerated split differs if NumPy draws other numbers (see data/README.md for "
+            "the versions that made it); a file differs if it was modified."
+        )
+
+
+def draw_checked_split(
+    train: int, test: int, size: int, seed: int, sha256: str
+) -> dict[str, dict[str, np.ndarray]]:
+    """Draw a train/test split as ``python -m hdn.toy.synthetic`` does and check its checksum.
+
+    Args:
+        train, test: numbers of scenes (train: stream 0, test: stream 1).
+        size: image height and width.
+        seed: base seed.
+        sha256: expected :func:`arrays_sha256` of the arrays that :func:`save_split` would store.
+
+    Returns:
+        ``{"train": split, "test": split}`` as :func:`load_split` returns them.
+
+    Raises:
+        RuntimeError: if the drawn arrays do not have the checksum ``sha256``.
+    """
+    splits = {
+        "train": make_split(train, seed, size, size, stream=0),
+        "test": make_split(test, seed, size, size, stream=1),
+    }
+    _check_sha256(_stored_splits(splits), sha256, f"make_split(seed={seed})")
+    return splits
+
+
+def toy_split(path: str | Path | None = TOY_SPLIT_PATH) -> dict[str, dict[str, np.ndarray]]:
+    """The committed toy split of notebook 05, in a clone or not, checked against its checksum.
+
+    Reads ``path`` (by default ``data/toy_rgbd.npz`` of the repository) when it exists. Outside
+    a clone (a wheel install, Colab) it draws the same 256 training and 64 test scenes again
+    from their seeds (:data:`TOY_SPLIT_OPTIONS`; about 11 s on one CPU core), which is
+    bit-for-bit reproducible. Either way the arrays must have the checksum
+    :data:`TOY_SPLIT_SHA256`.
+
+    Args:
+        path: split file to read if it exists; None = always draw the split.
+
+    Returns:
+        ``{"train": split, "test": split}`` as :func:`load_split` returns them.
+
+    Raises:
+        RuntimeError: if the file or the drawn split does not have the expected checksum.
+    """
+    if path is not None and Path(path).exists():
+        stored = _read_stored(path)
+        _check_sha256(stored, TOY_SPLIT_SHA256, str(path))
+        return _decode_stored(stored)
+    return draw_checked_split(**TOY_SPLIT_OPTIONS, sha256=TOY_SPLIT_SHA256)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -61,7 +61,7 @@ from hdn import contexts as _contexts
 from hdn.losses import gradient_matching_loss, hdn_loss, ssi_loss
 from hdn.metrics import fine_detail_error, zero_shot_metrics
 from hdn.toy.models import UNet
-from hdn.toy.synthetic import load_split
+from hdn.toy.synthetic import load_split, toy_split
 
 __all__ = [
     "LOSS_NAMES",
@@ -75,9 +75,6 @@ __all__ = [
 
 #: Loss names accepted by :func:`make_loss` and ``--loss``.
 LOSS_NAMES = ("ssi", "hdn-dr", "hdn-dp", "hdn-ds", "hdn-rdi", "hdn-rc")
-
-#: The committed toy split (``python -m hdn.toy.synthetic --out data/toy_rgbd.npz ...``).
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "toy_rgbd.npz"
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
@@ -178,7 +175,7 @@ class TrainConfig:
         hflip: random horizontal flips.
         base, depth: width and depth of the :class:`hdn.toy.models.UNet`.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-        data: split file used when :func:`train` gets no data; None = the committed toy split.
+        data: split file used when :func:`train` gets no data; None = :func:`hdn.toy.synthetic.toy_split`.
         out_dir: where ``checkpoint.pt`` and ``metrics.json`` go; None = write nothing.
         checkpoint_every: also save a checkpoint every this many steps (0: only at the end).
         resume: continue from ``out_dir/checkpoint.pt`` if it exists.
@@ -265,7 +262,9 @@ def _as_tensors(split: Mapping[str, np.ndarray], device: torch.device) -> dict[s
 
 def _load_data(config: TrainConfig, data: object) -> Mapping[str, Mapping[str, np.ndarray]]:
     if data is None:
-        data = config.data if config.data is not None else DEFAULT_DATA
+        if config.data is None:
+            return toy_split()
+        data = config.data
     if isinstance(data, (str, os.PathLike)):
         return load_split(data)
     if not isinstance(data, Mapping) or "train" not in data:
@@ -449,7 +448,7 @@ def train(
         config: the options.
         data: ``{"train": split, "test": split}`` as returned by :func:`hdn.toy.synthetic.load_split`
             (arrays ``rgb``, ``gt``, ``depth``, ``valid``), a path to such a file, or None
-            for ``config.data`` (default: the committed toy split).
+            for ``config.data`` (None: :func:`hdn.toy.synthetic.toy_split`).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -646,7 +645,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=defaults["depth"], help="U-Net depth")
     p.add_argument("--device", default=defaults["device"], help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument(
-        "--data", default=None, help="split file (default: the committed data/toy_rgbd.npz)"
+        "--data", default=None, help="split file (default: hdn.toy.synthetic.toy_split())"
     )
     p.add_argument("--out", default=None, help="output folder for checkpoint.pt and metrics.json")
     p.add_argument("--checkpoint-every", type=int, default=defaults["checkpoint_every"])

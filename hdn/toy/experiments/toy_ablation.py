@@ -7,17 +7,20 @@ pixels), and writes one JSON row per run plus a bar figure of mean +- std per lo
 
     python -m hdn.toy.experiments.toy_ablation --steps 500 --seeds 0 1 2 \\
         --losses ssi hdn-dr hdn-dp hdn-ds hdn-rdi hdn-rc --levels 3 --jobs 2 \\
-        --out data/results/toy_ablation.json --figure data/results/toy_ablation.png
+        --out hdn/toy/experiments/results/toy_ablation.json \\
+        --figure hdn/toy/experiments/results/toy_ablation.png
 
 Each run trains in a worker process with one thread (``torch.set_num_threads(1)``);
 ``--jobs`` workers run at once. The JSON file is rewritten after every finished run, so
 an interrupted ablation keeps what it has, and a second call with the same options skips
 the runs already in the file (``--overwrite`` starts afresh).
 
-From Python (the notebook)::
+(``--out`` and ``--figure`` default to the package's results folder, :data:`RESULTS_DIR`.)
+From Python (the notebook), the committed files are read by name::
 
-    from hdn.toy.experiments.toy_ablation import load_results, summarize, format_table
-    meta, rows = load_results("data/results/toy_ablation.json")
+    from hdn.toy.experiments import load_results
+    from hdn.toy.experiments.toy_ablation import format_table, summarize
+    meta, rows = load_results("toy_ablation_600.json")
     print(format_table(summarize(rows)))
 """
 
@@ -42,20 +45,29 @@ import numpy as np
 import torch
 
 from hdn.metrics import _nearest_pixels, fine_detail_error
-from hdn.toy.synthetic import load_split
-from hdn.toy.train import DEFAULT_DATA, LOSS_NAMES, TrainConfig, predict, train
+from hdn.toy.experiments import _parse_report
+from hdn.toy.synthetic import load_split, toy_split
+from hdn.toy.train import LOSS_NAMES, TrainConfig, predict, train
 
 __all__ = [
     "METRICS",
+    "RESULTS_DIR",
     "ROW_KEYS",
+    "format_paired_table",
     "format_table",
     "interior_fine_detail_error",
     "load_results",
     "main",
+    "paired_differences",
+    "plot_paired_differences",
     "plot_summary",
     "run_one",
     "summarize",
 ]
+
+#: The package folder of the committed results (``hdn/toy/experiments/results/``), the CLI's
+#: default output folder.
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 #: Keys of a result row, in the order they are written.
 ROW_KEYS = (
@@ -165,7 +177,7 @@ def run_one(options: Mapping[str, object], threads: int = 1) -> dict[str, object
         torch.set_num_threads(previous)
     m = result.metrics
     if config.evaluate:
-        test = load_split(config.data if config.data is not None else DEFAULT_DATA)["test"]
+        test = (toy_split() if config.data is None else load_split(config.data))["test"]
         depth = torch.as_tensor(test["depth"], dtype=torch.float32).unsqueeze(1)
         valid = torch.as_tensor(test["valid"]).unsqueeze(1)
         pred = predict(result.model, test["rgb"])
@@ -209,13 +221,11 @@ def _sort_key(row: Mapping[str, object]) -> tuple:
 
 
 def load_results(path: str | os.PathLike) -> tuple[dict[str, object], list[dict[str, object]]]:
-    """Read an ablation file: returns ``(meta, rows)``."""
-    report = json.loads(Path(path).read_text())
-    if not isinstance(report, dict) or "rows" not in report or "meta" not in report:
-        raise ValueError(
-            f"Invalid results file {path}: we expect an object with 'meta' and 'rows'."
-        )
-    return report["meta"], report["rows"]
+    """Read an ablation file at ``path``: returns ``(meta, rows)``.
+
+    The committed files are read by name with :func:`hdn.toy.experiments.load_results`.
+    """
+    return _parse_report(Path(path).read_text(), path)
 
 
 def _write_json(
@@ -312,6 +322,131 @@ def format_table(
     return "\n".join([fmt(header), *(fmt(c) for c in lines)])
 
 
+def paired_differences(
+    rows: Sequence[Mapping[str, object]],
+    baseline: str = "ssi",
+    metrics: Sequence[str] = tuple(METRICS),
+) -> list[dict[str, object]]:
+    """Differences ``loss - baseline`` of each metric between runs that share a seed.
+
+    Runs with the same seed (and levels, steps) start from the same weights and see the same
+    batches, so their difference removes most of the seed-to-seed spread. Groups come out
+    in the order of :func:`summarize`, without the baseline itself.
+
+    Returns:
+        one dict per ``(loss, levels, steps)`` with ``loss``, ``levels``, ``steps``, ``seeds``
+        (those that both losses ran) and, for each metric ``m``: ``m_diffs`` (one value per
+        seed), ``m_mean`` and ``m_better`` (in how many seeds the loss beat the baseline;
+        lower is better except for ``delta1``, see :data:`METRICS`).
+
+    Examples:
+        >>> rows = [{"loss": n, "levels": 3, "steps": 9, "seed": s, "abs_rel": a}
+        ...         for n, s, a in (("ssi", 0, 1.0), ("ssi", 1, 2.0), ("hdn-dr", 0, 0.5),
+        ...                         ("hdn-dr", 1, 2.5))]
+        >>> d = paired_differences(rows, metrics=["abs_rel"])[0]
+        >>> d["loss"], d["seeds"], d["abs_rel_diffs"], d["abs_rel_mean"], d["abs_rel_better"]
+        ('hdn-dr', [0, 1], [-0.5, 0.5], 0.0, 1)
+    """
+    if not isinstance(baseline, str):
+        raise ValueError(f"Invalid baseline: we expect a loss name. Got: {baseline!r}.")
+    by_run = {(r["loss"], r["levels"], r["steps"], r["seed"]): r for r in rows}
+    out = []
+    for entry in summarize(rows, metrics):
+        loss, levels, steps = entry["loss"], entry["levels"], entry["steps"]
+        if loss == baseline:
+            continue
+        seeds = [s for s in entry["seeds"] if (baseline, levels, steps, s) in by_run]
+        item: dict[str, object] = {"loss": loss, "levels": levels, "steps": steps, "seeds": seeds}
+        for name in metrics:
+            diffs = [
+                float(by_run[loss, levels, steps, s][name])
+                - float(by_run[baseline, levels, steps, s][name])
+                for s in seeds
+            ]
+            lower = METRICS.get(name, True)
+            item[f"{name}_diffs"] = diffs
+            item[f"{name}_mean"] = float(np.mean(diffs)) if diffs else math.nan
+            item[f"{name}_better"] = sum((d < 0) if lower else (d > 0) for d in diffs)
+        out.append(item)
+    return out
+
+
+def format_paired_table(
+    paired: Sequence[Mapping[str, object]],
+    metrics: Sequence[str] = tuple(METRICS),
+    digits: int | Mapping[str, int] = 3,
+) -> str:
+    """The output of :func:`paired_differences` as a text table: mean difference (wins/seeds).
+
+    Examples:
+        >>> print(format_paired_table([{"loss": "hdn-dr", "steps": 9, "seeds": [0, 1],
+        ...     "abs_rel_mean": -0.25, "abs_rel_better": 2}], metrics=["abs_rel"]))
+        steps  loss              d abs_rel
+            9  hdn-dr  -0.250 (2/2 better)
+    """
+    cells = []
+    for item in paired:
+        row = [str(item["steps"]), str(item["loss"])]
+        for name in metrics:
+            n = digits.get(name, 3) if isinstance(digits, Mapping) else digits
+            row.append(
+                f"{item[f'{name}_mean']:+.{n}f} ({item[f'{name}_better']}/{len(item['seeds'])} better)"
+            )
+        cells.append(row)
+    header = ["steps", "loss", *(f"d {m}" for m in metrics)]
+    widths = [max(len(c) for c in column) for column in zip(header, *cells)]
+
+    def fmt(row: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        ).rstrip()
+
+    return "\n".join([fmt(header), *(fmt(r) for r in cells)])
+
+
+def plot_paired_differences(
+    rows: Sequence[Mapping[str, object]],
+    baseline: str = "ssi",
+    metrics: Sequence[str] = ("abs_rel", "delta1", "fine_detail_interior"),
+    title: str | None = None,
+):
+    """One dot per seed: each loss's difference to ``baseline`` in each metric.
+
+    Dots of different step counts are drawn side by side in their own colour; a dot below
+    the zero line (above it for ``delta1``) is a seed where the loss beat the baseline.
+
+    Returns:
+        the matplotlib ``Figure``.
+    """
+    import matplotlib.pyplot as plt
+
+    paired = paired_differences(rows, baseline, metrics)
+    losses = list(dict.fromkeys(p["loss"] for p in paired))
+    steps = sorted({p["steps"] for p in paired})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.9 * len(metrics), 3.6), squeeze=False)
+    colors = plt.get_cmap("tab10")(np.arange(len(steps)) % 10)
+    width = 0.6 / max(len(steps), 1)
+    for ax, name in zip(axes[0], metrics):
+        ax.axhline(0.0, color="k", lw=0.8)
+        for j, (n_steps, color) in enumerate(zip(steps, colors)):
+            for p in (p for p in paired if p["steps"] == n_steps):
+                x = losses.index(p["loss"]) + (j - (len(steps) - 1) / 2) * width
+                diffs = p[f"{name}_diffs"]
+                label = f"{n_steps} steps" if p["loss"] == losses[0] else None
+                ax.plot(np.full(len(diffs), x), diffs, "o", ms=4, color=color, label=label)
+        better = "below" if METRICS.get(name, True) else "above"
+        ax.set_title(f"{name} ({better} 0 = better)")
+        ax.set_xticks(np.arange(len(losses)), losses, rotation=30, ha="right")
+        ax.set_xlabel("training loss")
+        ax.set_ylabel(f"difference to {baseline} [unitless]")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize="small")
+    fig.suptitle(title or f"Paired by seed: difference to {baseline}, one dot per seed")
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    return fig
+
+
 def plot_summary(
     rows: Sequence[Mapping[str, object]],
     metrics: Sequence[str] = tuple(METRICS),
@@ -374,18 +509,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base", type=int, default=None, help="U-Net width (default: TrainConfig's)")
     p.add_argument("--depth", type=int, default=None, help="U-Net depth (default: TrainConfig's)")
     p.add_argument("--crop", type=int, default=None, help="train on random crops of this size")
-    p.add_argument("--data", default=None, help="split file (default: data/toy_rgbd.npz)")
+    p.add_argument(
+        "--data", default=None, help="split file (default: hdn.toy.synthetic.toy_split())"
+    )
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, ...")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (worker processes)")
-    p.add_argument("--out", default="data/results/toy_ablation.json")
-    p.add_argument("--figure", default="data/results/toy_ablation.png")
+    p.add_argument("--out", default=str(RESULTS_DIR / "toy_ablation.json"))
+    p.add_argument("--figure", default=str(RESULTS_DIR / "toy_ablation.png"))
     p.add_argument("--overwrite", action="store_true", help="ignore runs already in --out")
     return p
 
 
 def _git_state() -> dict[str, object]:
     """Commit of the hdn checkout the runs use, and whether its ``hdn/`` has uncommitted edits."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]  # the checkout that holds hdn/
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"],
