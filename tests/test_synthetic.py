@@ -226,6 +226,8 @@ def test_toy_split_outside_a_clone_draws_the_split_and_checks_it(monkeypatch, tm
     assert calls == [(256, 64, 64, 0, TOY_SPLIT_SHA256)]
     assert split["train"]["rgb"].shape == (2, 3, 16, 16)
     assert toy_split(None)["test"]["rgb"].shape == (1, 3, 16, 16)
+    # drawn or read, the splits come in one order: a notebook that loops over them prints alike
+    assert list(split) == list(toy_split()) == ["test", "train"]
 
 
 def test_toy_split_without_a_file_draws_the_committed_split_bit_for_bit():

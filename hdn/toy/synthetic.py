@@ -622,7 +622,8 @@ def toy_split(path: str | Path | None = TOY_SPLIT_PATH) -> dict[str, dict[str, n
         path: split file to read if it exists; None = always draw the split.
 
     Returns:
-        ``{"train": split, "test": split}`` as :func:`load_split` returns them.
+        ``{"test": split, "train": split}`` as :func:`load_split` returns them, in the same
+        (sorted) order whether read or drawn, so that code iterating over it prints the same.
 
     Raises:
         RuntimeError: if the file or the drawn split does not have the expected checksum.
@@ -630,8 +631,10 @@ def toy_split(path: str | Path | None = TOY_SPLIT_PATH) -> dict[str, dict[str, n
     if path is not None and Path(path).exists():
         stored = _read_stored(path)
         _check_sha256(stored, TOY_SPLIT_SHA256, str(path))
-        return _decode_stored(stored)
-    return draw_checked_split(**TOY_SPLIT_OPTIONS, sha256=TOY_SPLIT_SHA256)
+        splits = _decode_stored(stored)
+    else:
+        splits = draw_checked_split(**TOY_SPLIT_OPTIONS, sha256=TOY_SPLIT_SHA256)
+    return {name: splits[name] for name in sorted(splits)}
 
 
 # --------------------------------------------------------------------------- CLI
