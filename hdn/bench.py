@@ -161,16 +161,17 @@ def _loss_fn(impl: str, case: str, levels: int):
 
 
 def _on_torch_path(fn):
-    """``fn`` with the row core's selections in torch (``torch.kthvalue``, what CUDA runs)
-    instead of NumPy, so that the GPU's algorithm is timed on the CPU too."""
-    from hdn._core import rows
+    """``fn`` with the run core's kernels in torch (``torch.kthvalue`` selections and
+    ``torch.segment_reduce`` sums, what CUDA runs) instead of NumPy, so that the GPU's
+    algorithm is timed on the CPU too."""
+    from hdn._core import runs
 
     def torch_path(p, g):
-        saved, rows._NUMPY_SELECTION = rows._NUMPY_SELECTION, False
+        saved, runs._NUMPY = runs._NUMPY, False
         try:
             return fn(p, g)
         finally:
-            rows._NUMPY_SELECTION = saved
+            runs._NUMPY = saved
 
     return torch_path
 

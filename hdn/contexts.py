@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hdn._core.rows import GatherLayout, GridLayout, RowLayout
-from hdn._core.rows import _pool as _select_pool
+from hdn._core.runs import RunLayout
+from hdn._core.runs import _pool as _select_pool
 from hdn._core.segments import ContextLevel
 from hdn._validation import _as_bhw, check_levels
 
@@ -74,8 +74,8 @@ class Contexts:
     def level(self, index: int) -> ContextLevel:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RowLayout | None:
-        """The levels as padded rows (:mod:`hdn._core.rows`) for the valid pixels ``(B, H, W)``, or
+    def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RunLayout | None:
+        """The levels as runs of one pixel order (:mod:`hdn._core.runs`) for the valid pixels ``(B, H, W)``, or
         ``None`` where they are not nested partitions of one member set (then the loss uses
         the general segment core)."""
         return None
@@ -201,7 +201,6 @@ class IntervalContexts(Contexts):
         # bins overlap where a run starts before its predecessor ends
         self.overlapping = bool((self._start[:, 1:] < self._end[:, :-1]).any())
         self._target_version = target._version
-        self._medians = None if self.overlapping else _run_medians(rows, self._start, self._end, L)
         self._sorted_order = order  # (B, H*W) int32, pixel within its image
         self._sorted_values = rows
         self._order: Tensor | None = None
@@ -220,7 +219,7 @@ class IntervalContexts(Contexts):
         return self._order
 
     def level(self, index: int) -> ContextLevel:
-        if self._pixel_bins is None:  # made on first use: the row core never needs them
+        if self._pixel_bins is None:  # made on first use: the run core never needs them
             self._pixel_bins = _bins_of_runs(self._start, self._end, self._count, self.target_order, self.overlapping)
         last, first = self._pixel_bins
         shift = self.num_levels - 1 - index
@@ -242,25 +241,18 @@ class IntervalContexts(Contexts):
         pix = torch.cat([torch.arange(n, device=last.device), pair_pix])
         return ContextLevel(torch.cat([last.long(), pair_bin]), 2**index, pix)
 
-    def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RowLayout | None:
-        """Finest bins as rows of their pixels (:class:`hdn._core.rows.GatherLayout`).
+    def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RunLayout | None:
+        """Finest bins as runs of their pixels in value order (:class:`hdn._core.runs.RunLayout`).
 
         A finest bin is a run of each image's pixels in value order (the order the target
         was sorted in when the contexts were made), so the layout needs no further sort.
-        ``None`` when bins overlap, when ``valid`` is not the contexts' own mask, or when
-        the longest finest bin would pad the rows to more than twice the pixel count (then
-        the loss uses the general segment core). If ``target`` is (unchanged) the depth
-        these contexts were built from, the layout carries every bin's median depth, read
-        off the sorted depths when the contexts were made, and the target laid out, copied
-        from the sorted depths run by run."""
+        ``None`` when bins overlap or when ``valid`` is not the contexts' own mask (then the
+        loss uses the general segment core). If ``target`` is (unchanged) the depth these
+        contexts were built from, the layout carries the target in run order, read off the
+        sorted depths, and every bin's median is its middle member."""
         if self.overlapping or not (valid is self.valid or torch.equal(valid, self.valid)):
             return None
-        B, H, W = self.shape
-        N, K = B * H * W, self.lower[-1].shape[1]
         length = (self._end - self._start).clamp(min=0)
-        width = max(int(length.max()), 1)
-        if B * K * width > 2 * N + 1024:
-            return None
         same = (
             target is not None
             and target.data_ptr() == self._target.data_ptr()
@@ -270,11 +262,7 @@ class IntervalContexts(Contexts):
         )
         values = self._sorted_values if same else None
         num_valid = int(self._count.sum())  # (the maximum-depth pixels are valid, in no bin)
-        layout = GatherLayout.from_sorted(
-            self._sorted_order, self._start, length, width, self.num_levels, values, num_valid
-        )
-        layout.target_medians = self._medians if same else None
-        return layout
+        return RunLayout.from_sorted(self._sorted_order, self._start, length, self.num_levels, values, num_valid)
 
 
 def sorted_valid_values(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -323,29 +311,6 @@ def _sort_with_order(values: np.ndarray, order: np.ndarray) -> None:
     np.copyto(bits, words[..., 1])
     if negative:
         bits ^= (bits >> 31) & 0x7FFFFFFF
-
-
-def _run_medians(rows: Tensor, start: Tensor, end: Tensor, levels: int) -> list[Tensor]:
-    """Per level, the lower median depth of every bin, ``(B, 2**l)`` (0 for an empty bin).
-
-    A bin of level ``l`` is ``2**(L-1-l)`` consecutive finest runs ``[start, end)`` of the
-    sorted depths ``rows``; its ``(n - 1) // 2``-th member sits in the run where the
-    running count passes it."""
-    length = (end - start).clamp(min=0)
-    B = length.shape[0]
-    out = []
-    for lvl in range(levels):
-        group = 2 ** (levels - 1 - lvl)
-        parts = length.view(B, -1, group)
-        n = parts.sum(2)
-        k = torch.div(n - 1, 2, rounding_mode="floor").clamp(min=0)
-        ends = torch.cumsum(parts, dim=2)
-        j = (ends <= k.unsqueeze(2)).sum(2).clamp(max=group - 1)
-        before = torch.where(j > 0, ends.gather(2, (j - 1).clamp(min=0).unsqueeze(2)).squeeze(2), 0)
-        first = start.view(B, -1, group).gather(2, j.unsqueeze(2)).squeeze(2)
-        position = (first + k - before).clamp(max=rows.shape[1] - 1)
-        out.append(rows.gather(1, position).masked_fill_(n == 0, 0))
-    return out
 
 
 def _bins_of_runs(
@@ -517,9 +482,9 @@ class GridContexts(Contexts):
         self.valid = valid
         self.num_levels = levels
 
-    def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RowLayout:
-        """Finest cells as rows in quadtree order (:class:`hdn._core.rows.GridLayout`)."""
-        return GridLayout(valid.view(self.shape), self.num_levels)
+    def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RunLayout:
+        """Finest cells in quadtree order, as runs (:class:`hdn._core.runs.RunLayout`)."""
+        return RunLayout.grid(valid.view(self.shape), self.num_levels)
 
     @staticmethod
     def _cell_index(size: int, cells: int, device) -> Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from hdn import contexts as _contexts
-from hdn._core.rows import REDUCTIONS, RowHierarchicalSSI, RowLayout
+from hdn._core.runs import REDUCTIONS, RunHierarchicalSSI, RunLayout
 from hdn._core.segments import HierarchicalSSI
 from hdn._validation import check_depth_inputs, check_levels, stats_dtype
 from hdn.normalization import ssi_normalize
@@ -83,7 +83,7 @@ def _output(loss: Tensor, pred: Tensor, reduction: str) -> Tensor:
 
 def _prepare_core(
     p: Tensor, g: Tensor, valid: Tensor, contexts: _contexts.Contexts
-) -> tuple[Tensor, Tensor, Tensor, RowLayout | _contexts.Contexts]:
+) -> tuple[Tensor, Tensor, Tensor, RunLayout | _contexts.Contexts]:
     """Flat statistics-dtype inputs and what the loss runs on: the contexts' row layout
     where they have one (then the contexts themselves are no longer needed), else the
     contexts for the general segment core."""
@@ -92,7 +92,7 @@ def _prepare_core(
         valid = valid & contexts.valid
     target = g
     p, g = p.to(dtype).reshape(-1), g.to(dtype).reshape(-1)
-    # The row core takes nested partitions (DS, DR, DP, whole image) and a finite
+    # The run core takes nested partitions (DS, DR, DP, whole image) and a finite
     # prediction; a prediction that is not finite at a valid pixel must give a non-finite
     # loss, which the general core reproduces. Invalid pixels never matter.
     finite = bool(torch.isfinite(p.sum()))
@@ -105,16 +105,16 @@ def _prepare_core(
 
 
 def _apply_core(
-    p: Tensor, g: Tensor, valid: Tensor, core: RowLayout | _contexts.Contexts, reduction: str = "mean"
+    p: Tensor, g: Tensor, valid: Tensor, core: RunLayout | _contexts.Contexts, reduction: str = "mean"
 ) -> Tensor:
     if reduction == "mean":  # (the training path: no per-image counts)
-        if isinstance(core, RowLayout):
-            return RowHierarchicalSSI.apply(p, g, core)
+        if isinstance(core, RunLayout):
+            return RunHierarchicalSSI.apply(p, g, core)
         return HierarchicalSSI.apply(p, g, valid, core)
-    batch = core.batch if isinstance(core, RowLayout) else core.shape[0]
+    batch = core.batch if isinstance(core, RunLayout) else core.shape[0]
     image_valid = torch.count_nonzero(valid.reshape(batch, -1), dim=1) if reduction == "per_image" else None
-    if isinstance(core, RowLayout):
-        return RowHierarchicalSSI.apply(p, g, core, reduction, image_valid)
+    if isinstance(core, RunLayout):
+        return RunHierarchicalSSI.apply(p, g, core, reduction, image_valid)
     return HierarchicalSSI.apply(p, g, valid, core, reduction, image_valid)
 
 

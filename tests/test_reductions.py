@@ -18,7 +18,7 @@ from torch.autograd import gradcheck
 import hdn
 from hdn import contexts as C
 from hdn import reference as ref
-from hdn._core import rows
+from hdn._core import runs
 
 F64 = torch.float64
 NAN = float("nan")
@@ -162,7 +162,7 @@ def test_reductions_match_reference_with_heavy_ties_in_the_target(context, reduc
 @pytest.mark.parametrize("context", ("dr", "dp", "ds"))
 def test_reductions_on_the_torch_kthvalue_path_match_reference(context, reduction, monkeypatch):
     """CUDA's selection path (torch.kthvalue), run on the CPU."""
-    monkeypatch.setattr(rows, "_NUMPY_SELECTION", False)
+    monkeypatch.setattr(runs, "_NUMPY", False)
     pred, target, mask = _data((2, 9, 13), "kth", context, reduction)
     _check(lambda p, g, **kw: hdn.hdn_loss(p, g, mask, context=context, levels=3, **kw),
            _ref_hdn_masked(context, 3, mask), pred, target, reduction, "kth", context)
@@ -280,13 +280,13 @@ def test_none_keeps_the_layout_of_bhw_inputs():
 
 
 @pytest.mark.parametrize("context", ("dr", "ds"))
-def test_mean_reduction_keeps_the_row_core_and_its_scalar_backward(context):
+def test_mean_reduction_keeps_the_run_core_and_its_scalar_backward(context):
     pred, target, _ = _data((2, 8, 8), "core")
     p = pred.requires_grad_(True)
     loss = hdn.hdn_loss(p, target, context=context, reduction="mean")
-    assert type(loss.grad_fn).__name__ == "RowHierarchicalSSIBackward"
+    assert type(loss.grad_fn).__name__ == "RunHierarchicalSSIBackward"
     per_image = hdn.hdn_loss(p, target, context=context, reduction="per_image")
-    assert type(per_image.grad_fn).__name__ == "RowHierarchicalSSIBackward"
+    assert type(per_image.grad_fn).__name__ == "RunHierarchicalSSIBackward"
 
 
 @pytest.mark.parametrize("reduction", ("per_image", "none"))

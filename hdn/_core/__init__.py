@@ -1,7 +1,8 @@
 """The private computational core behind :mod:`hdn`'s losses.
 
-- :mod:`hdn._core.rows`: the *row core*. Nested partitions (DS cells, DR/DP bins, the whole
-  image) laid out as padded rows, so every level is a row reduction of one view.
+- :mod:`hdn._core.runs`: the *run core*. Nested partitions (DS cells, DR/DP bins, the whole
+  image) as contiguous runs of one pixel order, so every context of every level is a run:
+  segment sums, and one row selection per length class of runs.
 - :mod:`hdn._core.segments`: the general *segment core*. Per-segment medians, sums and counts
   for any contexts (overlapping, pooled, label maps).
 

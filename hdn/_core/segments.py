@@ -17,7 +17,7 @@ histogram; depth-interval levels read their target medians straight off that ord
 
 :class:`HierarchicalSSI` is the autograd function behind :func:`hdn.contexts_loss` for
 contexts that are not nested partitions (overlapping DR bins, the random variants, label
-maps); DS, DR, DP and SSI run on :mod:`hdn._core.rows`, the same semantics on padded rows. Its
+maps); DS, DR, DP and SSI run on :mod:`hdn._core.runs`, the same semantics on runs of one pixel order. Its
 backward is written out analytically (the derivation is in notebook 04), so that only
 per-segment statistics are kept between forward and backward: memory grows with
 pixels x levels, not with the number of contexts.
@@ -356,7 +356,7 @@ class HierarchicalSSI(torch.autograd.Function):
     Per pixel, the loss map is ``m_i = a_i * sum_{C containing i} |p_hat_i - g_hat_i|`` with
     ``a_i = 1 / |C_i|`` (``"mean"``: the pixel's mean over its contexts) or ``a_i = N_v / P``
     (``"pooled"``: ``P`` pairs), so that ``sum_i m_i / N_v`` is the loss in both cases.
-    ``reduction`` (see :data:`hdn._core.rows.REDUCTIONS`): ``"mean"`` that loss, ``"sum"``
+    ``reduction`` (see :data:`hdn._core.runs.REDUCTIONS`): ``"mean"`` that loss, ``"sum"``
     ``sum_i m_i``, ``"per_image"`` ``(B,)`` image ``b``'s ``sum_i m_i / N_v,b`` (``image_valid``,
     0 for an image without valid pixels), ``"none"`` the map ``(N,)``.
 
