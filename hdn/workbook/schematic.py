@@ -35,6 +35,7 @@ __all__ = [
 
 
 def _single(x: Tensor, name: str) -> Tensor:
+    """``(H, W)`` or ``(1, H, W)`` -> detached ``(1, H, W)`` on the CPU (matplotlib draws it)."""
     if not isinstance(x, Tensor):
         raise ValueError(f"Invalid {name}: we expect a torch.Tensor. Got: {type(x).__name__}.")
     if x.dim() == 2:
@@ -43,7 +44,7 @@ def _single(x: Tensor, name: str) -> Tensor:
         raise ValueError(
             f"Invalid {name} shape: we expect (H, W) or (1, H, W). Got: {tuple(x.shape)}."
         )
-    return x
+    return x.detach().cpu()
 
 
 def hdn_schematic(
