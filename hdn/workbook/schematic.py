@@ -1,6 +1,6 @@
 """The method figures of the workbook: HDN as a pipeline, and why a near context keeps relief.
 
-- :func:`hdn_schematic` draws HDN (Zhang et al., NeurIPS 2022, Sec. 3) from real data:
+- :func:`hdn_schematic` draws HDN (Zhang et al., NeurIPS 2022, method section) from real data:
   ground truth -> the contexts of every level -> the ground truth normalised within each
   context -> the per-level residuals -> their per-pixel mean, the map whose sum over ``N_v``
   is :func:`hdn.hdn_loss`.
