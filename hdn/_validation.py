@@ -25,13 +25,17 @@ def _as_bhw(x: Tensor, name: str) -> Tensor:
 
 
 def single_image(x: Tensor, name: str) -> Tensor:
-    """``(H, W)``, ``(1, H, W)`` or ``(1, 1, H, W)`` -> detached ``(1, H, W)`` (for the explorers)."""
+    """``(H, W)``, ``(1, H, W)`` or ``(1, 1, H, W)`` -> detached ``(1, H, W)`` on the CPU.
+
+    For the workbook's explorers, which draw with matplotlib: a tensor that requires grad, or
+    one on a GPU, would fail at ``.numpy()``.
+    """
     if isinstance(x, Tensor) and x.dim() == 2:
         x = x.unsqueeze(0)
     x = _as_bhw(x, name)
     if x.shape[0] != 1:
         raise ValueError(f"Invalid {name} shape: we expect one image (H, W) or (1, H, W). Got: {tuple(x.shape)}.")
-    return x.detach()
+    return x.detach().cpu()
 
 
 def stats_dtype(*tensors: Tensor) -> torch.dtype:

@@ -87,6 +87,9 @@ _RESUME_KEYS = (
 
 LossFn = Callable[..., Tensor]
 
+_RANDOM_CONTEXTS = {"hdn-rdi": _contexts.random_depth_intervals, "hdn-rc": _contexts.random_crops}
+"""The random variants of :func:`make_loss`: loss name -> context sampler."""
+
 
 def make_loss(name: str, levels: int = 3) -> LossFn:
     """The training loss called ``name``, as ``loss(pred, target, mask, generator=None, reduction="mean")``.
@@ -115,45 +118,25 @@ def make_loss(name: str, levels: int = 3) -> LossFn:
     """
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
         raise ValueError(f"Invalid levels: we expect an int >= 1. Got: {levels!r}.")
-    if name == "ssi":
-
-        def loss(
-            pred: Tensor,
-            target: Tensor,
-            mask: Tensor | None,
-            generator: torch.Generator | None = None,
-            reduction: str = "mean",
-        ) -> Tensor:
-            return ssi_loss(pred, target, mask, reduction=reduction)
-
-    elif name in ("hdn-dr", "hdn-dp", "hdn-ds"):
-        context = name[-2:]
-
-        def loss(
-            pred: Tensor,
-            target: Tensor,
-            mask: Tensor | None,
-            generator: torch.Generator | None = None,
-            reduction: str = "mean",
-        ) -> Tensor:
-            return hdn_loss(pred, target, mask, context=context, levels=levels, reduction=reduction)
-
-    elif name in ("hdn-rdi", "hdn-rc"):
-        sample = _contexts.random_depth_intervals if name == "hdn-rdi" else _contexts.random_crops
-        num = 2**levels - 2
-
-        def loss(
-            pred: Tensor,
-            target: Tensor,
-            mask: Tensor | None,
-            generator: torch.Generator | None = None,
-            reduction: str = "mean",
-        ) -> Tensor:
-            contexts = sample(target, mask, num=num, generator=generator)
-            return hdn_loss(pred, target, mask, context=contexts, reduction=reduction)
-
-    else:
+    if name not in LOSS_NAMES:
         raise ValueError(f"Invalid loss: we expect one of {LOSS_NAMES}. Got: {name!r}.")
+    sample = _RANDOM_CONTEXTS.get(name)
+    num = 2**levels - 2
+
+    def loss(
+        pred: Tensor,
+        target: Tensor,
+        mask: Tensor | None,
+        generator: torch.Generator | None = None,
+        reduction: str = "mean",
+    ) -> Tensor:
+        if name == "ssi":
+            return ssi_loss(pred, target, mask, reduction=reduction)
+        if sample is None:  # a fixed hierarchy: "hdn-dr" -> context "dr"
+            return hdn_loss(pred, target, mask, context=name[-2:], levels=levels, reduction=reduction)
+        contexts = sample(target, mask, num=num, generator=generator)
+        return hdn_loss(pred, target, mask, context=contexts, reduction=reduction)
+
     loss.__name__ = loss.__qualname__ = f"{name.replace('-', '_')}_loss"
     return loss
 

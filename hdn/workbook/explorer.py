@@ -17,7 +17,7 @@ callbacks can be tested by setting widget values from Python.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -69,12 +69,22 @@ def _level_terms(p: Tensor, g: Tensor, valid: Tensor, contexts: Contexts, level:
         member = (contexts.level_ids(level) >= 0) & valid
         diff = (context_normalize(p, contexts, level, valid) - context_normalize(g, contexts, level, valid)).abs()
         return torch.where(member, diff, 0.0), member.to(diff.dtype)
+    overlapping = contexts.level_masks(level)
+    return _summed(_one_context_terms(p, g, inside & valid) for inside in overlapping)
+
+
+def _one_context_terms(p: Tensor, g: Tensor, inside: Tensor) -> tuple[Tensor, Tensor]:
+    """``|p_hat - g_hat|`` normalised within one context ``inside`` (0 outside) and its 0/1
+    membership; both ``(B, H, W)``. Overlapping contexts are normalised one at a time."""
+    single = from_labels(torch.where(inside, 0, -1), mask=inside)
+    diff = (context_normalize(p, single, 0, inside) - context_normalize(g, single, 0, inside)).abs()
+    return torch.where(inside, diff, 0.0), inside.to(diff.dtype)
+
+
+def _summed(pairs: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Element-wise sums of the ``(term, count)`` pairs, added in order."""
     total = count = None
-    for inside in contexts.level_masks(level):  # overlapping contexts: one at a time
-        inside = inside & valid
-        single = from_labels(torch.where(inside, 0, -1), mask=inside)
-        diff = (context_normalize(p, single, 0, inside) - context_normalize(g, single, 0, inside)).abs()
-        term, hits = torch.where(inside, diff, 0.0), inside.to(diff.dtype)
+    for term, hits in pairs:
         total = term if total is None else total + term
         count = hits if count is None else count + hits
     return total, count
@@ -149,11 +159,8 @@ def per_pixel_loss_map(
         True
     """
     p, g, valid, contexts = _resolve(pred, target, mask, contexts, levels)
-    total = count = None
-    for lvl in range(contexts.num_levels):
-        term, hits = _level_terms(p, g, valid, contexts, lvl)
-        total = term if total is None else total + term
-        count = hits if count is None else count + hits
+    per_level = (_level_terms(p, g, valid, contexts, lvl) for lvl in range(contexts.num_levels))
+    total, count = _summed(per_level)
     if contexts.aggregation == "pooled":
         pairs = count.sum()
         scale = valid.sum().to(total.dtype) / pairs if pairs > 0 else total.new_zeros(())
@@ -271,11 +278,6 @@ def boundary_regions(inside: Tensor, valid: Tensor | None = None, radius: int = 
     return {"interior": shrunk & ok, "boundary band": grown & ~shrunk & ok, "exterior": ~grown & ok}
 
 
-def _single_image(x: Tensor, name: str) -> Tensor:
-    """``(H, W)``, ``(1, H, W)`` or ``(1, 1, H, W)`` -> ``(1, H, W)`` on the CPU."""
-    return single_image(x, name).cpu()
-
-
 class ContextExplorer:
     """Pick a context of a hierarchy with sliders and see its pixels and normalised depths.
 
@@ -316,12 +318,12 @@ class ContextExplorer:
         kinds = tuple(kinds)
         if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(CONTEXT_NAMES):
             raise ValueError(f"Invalid kinds: we expect distinct names from {CONTEXT_NAMES}. Got: {kinds!r}.")
-        g = _single_image(depth, "depth")
+        g = single_image(depth, "depth")
         v = torch.isfinite(g)
         if valid is not None:
-            v = v & _single_image(valid, "valid").bool()
+            v = v & single_image(valid, "valid").bool()
         self.depth, self.valid, self.levels, self.kinds = g, v, levels, kinds
-        self.pred = None if pred is None else _single_image(pred, "pred").to(g.dtype)
+        self.pred = None if pred is None else single_image(pred, "pred").to(g.dtype)
         if self.pred is not None and self.pred.shape != g.shape:
             raise ValueError(f"Invalid pred shape: we expect {tuple(g.shape)[1:]}. Got: {tuple(self.pred.shape)[1:]}.")
         with one_torch_thread():

@@ -1,6 +1,6 @@
 """The method figures of the workbook: HDN as a pipeline, and why a near context keeps relief.
 
-- :func:`hdn_schematic` draws HDN (Zhang et al., NeurIPS 2022, Sec. 3) from real data:
+- :func:`hdn_schematic` draws HDN (Zhang et al., NeurIPS 2022, method section) from real data:
   ground truth -> the contexts of every level -> the ground truth normalised within each
   context -> the per-level residuals -> their per-pixel mean, the map whose sum over ``N_v``
   is :func:`hdn.hdn_loss`.
@@ -35,6 +35,7 @@ __all__ = [
 
 
 def _single(x: Tensor, name: str) -> Tensor:
+    """``(H, W)`` or ``(1, H, W)`` -> detached ``(1, H, W)`` on the CPU (matplotlib draws it)."""
     if not isinstance(x, Tensor):
         raise ValueError(f"Invalid {name}: we expect a torch.Tensor. Got: {type(x).__name__}.")
     if x.dim() == 2:
@@ -43,7 +44,7 @@ def _single(x: Tensor, name: str) -> Tensor:
         raise ValueError(
             f"Invalid {name} shape: we expect (H, W) or (1, H, W). Got: {tuple(x.shape)}."
         )
-    return x
+    return x.detach().cpu()
 
 
 def hdn_schematic(
