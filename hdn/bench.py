@@ -4,8 +4,8 @@
 table per *scene* (:data:`SCENES`): time and peak memory of ``hdn`` and of
 :mod:`hdn.reference` (one mask per context, the released code's algorithm) for SSI, DR, DP
 and DS, their ratios, each loss's cost and memory relative to :func:`hdn.ssi_loss`, the time
-of the torch selection path that CUDA runs (timed here on the CPU) against the CPU's NumPy
-path, and, for SSI, the straightforward ``torch.nanmedian`` version. The scenes:
+of the torch kernels that CUDA runs (``torch.kthvalue`` selections and gathers instead of
+NumPy's introselect and repeats; timed here on the CPU) against the CPU's NumPy kernels, and, for SSI, the straightforward ``torch.nanmedian`` version. The scenes:
 
 * ``ramp``: a linear depth ramp plus uniform noise (nearly balanced DR bins);
 * ``motorcycle``: 8 crops of the Middlebury 2014 Motorcycle ground truth (:mod:`hdn.data`),
@@ -300,7 +300,7 @@ def _table(cfg: argparse.Namespace) -> dict:
         print(f"hdn.ssi_loss against the torch.nanmedian version ({nm * 1e3:.1f} ms): "
               f"{results['ssi']['over_nanmedian']:.2f}x faster")
     print("(x ssi, mem x ssi: time and peak memory over hdn.ssi_loss's; torch ms: the torch "
-          "selection path that CUDA runs, timed on this device)")
+          "kernels that CUDA runs, timed on this device)")
     return results
 
 

@@ -335,7 +335,7 @@ class _Level:
         self._seg: Tensor | None = None
         # length classes (2**(k-1) < n <= 2**k), each as wide as its longest run; the
         # padding a row needs on either side (``slack``) is below a quarter of its width
-        self.classes: list[tuple[int, Tensor, Tensor, Tensor]] = []
+        self.classes: list[tuple[int, Tensor, Tensor, Tensor, tuple[int, int]]] = []
         self.slack = 0
         if self.width:
             return
@@ -347,7 +347,11 @@ class _Level:
             width = int(n[rows].max())
             self.slack = max(self.slack, (width - int(n[rows].min())) // 2 + 1)
             r = torch.as_tensor(rows, device=dev)
-            self.classes.append((width, r, self.n_t.index_select(0, r), self.starts_t.index_select(0, r)))
+            # padding entries below and above the members, in all rows (known on the host,
+            # so that the selections need no host synchronisation)
+            below = (width - 1) // 2 - (n[rows] - 1) // 2
+            totals = (int(below.sum()), int((width - below - n[rows]).sum()))
+            self.classes.append((width, r, self.n_t.index_select(0, r), self.starts_t.index_select(0, r), totals))
 
     @property
     def seg(self) -> Tensor:
@@ -442,10 +446,10 @@ class _Level:
                     lo, hi = torch.aminmax(x)
                     step = torch.maximum(torch.maximum(lo.abs(), hi.abs()), torch.ones_like(lo)) * 2.0**-16
                     ramp = torch.arange(1, self.classes[-1][0] + 1, device=x.device, dtype=x.dtype) * step
-                for width, r, n, start in self.classes:
+                for width, r, n, start, totals in self.classes:
                     below = (width - 1) // 2 - torch.div(n - 1, 2, rounding_mode="floor")
                     rows = extended.unfold(0, width, 1).index_select(0, start - below + slack)
-                    _fill_padding(rows, below, n, lo - ramp, hi + ramp)
+                    _fill_padding(rows, below, n, lo - ramp, hi + ramp, totals)
                     matrices.append((r, rows, width))
             picked = _select_middle([rows for _, rows, _ in matrices])
             for (r, _, _), value in zip(matrices, picked):
@@ -488,14 +492,18 @@ def _select_middle(matrices: list[Tensor]) -> list[Tensor]:
     return [m[:, (m.shape[1] - 1) // 2].clone() for m in matrices]
 
 
-def _fill_padding(rows: Tensor, below: Tensor, n: Tensor, low: Tensor, high: Tensor) -> None:
+def _fill_padding(
+    rows: Tensor, below: Tensor, n: Tensor, low: Tensor, high: Tensor, totals: tuple[int, int] | None = None
+) -> None:
     """Entries ``[0, below)`` of every row of ``rows`` (``(R, w)``) become ``low[column]`` and
-    entries ``[below + n, w)`` become ``high[column]``; work in the padding entries only."""
+    entries ``[below + n, w)`` become ``high[column]``; work in the padding entries only.
+    ``totals``: the numbers of entries below and above, if known on the host."""
     R, w = rows.shape
     flat = rows.view(-1)
     row_start = torch.arange(R, device=rows.device) * w
-    for count, begin, fill in ((below, torch.zeros_like(below), low), (w - below - n, below + n, high)):
-        total = int(count.sum())
+    if totals is None:
+        totals = (int(below.sum()), int((w - below - n).sum()))
+    for count, begin, fill, total in ((below, torch.zeros_like(below), low, totals[0]), (w - below - n, below + n, high, totals[1])):
         if not total:
             continue
         owner = torch.repeat_interleave(torch.arange(R, device=rows.device), count, output_size=total)
