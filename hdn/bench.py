@@ -289,10 +289,10 @@ def _table(cfg: argparse.Namespace) -> dict:
         torch_ms = r["torchpath_time"]
         r["torch_over_cpu"] = torch_ms / h["time"] if torch_ms else float("nan")
         print(
-            f"{case:<5} {h['time'] * 1e3:8.1f} {ref['time'] * 1e3:9.1f} {r['speedup']:8.1f} "
+            f"{case:<5} {h['time'] * 1e3:8.2f} {ref['time'] * 1e3:9.2f} {r['speedup']:8.1f} "
             f"{h['peak'] / 2**20:8.1f} {ref['peak'] / 2**20:8.1f} {r['mem_ratio']:9.1f} "
             f"{r['x_ssi']:6.2f} {r['mem_x_ssi']:9.2f} "
-            f"{(torch_ms or float('nan')) * 1e3:9.1f} {r['torch_over_cpu']:9.2f}"
+            f"{(torch_ms or float('nan')) * 1e3:9.2f} {r['torch_over_cpu']:9.2f}"
         )
     nm = results["ssi"]["nanmedian_time"]
     if nm:

@@ -154,7 +154,7 @@ def test_run_lower_medians_match_a_sort_for_any_run_lengths(case, dtype, threads
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ((median, position),) = level.lower_medians([(extended, extended[slack : slack + M], slack)], [True])
+        ((median, position),) = level.lower_medians([(extended, extended[slack : slack + M], slack, None)], [True])
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(extended[slack : slack + M], x, rtol=0, atol=0)  # never written

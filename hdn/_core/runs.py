@@ -415,7 +415,7 @@ class _Level:
         return first.scatter_reduce_(0, self.seg.long(), candidate, "amin")
 
     def lower_medians(
-        self, values: list[tuple[Tensor, Tensor, int]], want_position: list[bool]
+        self, values: list[tuple[Tensor, Tensor, int, tuple[Tensor, Tensor] | None]], want_position: list[bool]
     ) -> list[tuple[Tensor, Tensor | None]]:
         """The lower median of every run, and the run-order position of the first member
         holding it (the gradient's median pixel), for several tensors.
@@ -428,22 +428,23 @@ class _Level:
         is its middle entry.
 
         Args:
-            values: per tensor ``(extended, x, slack)``: ``x`` the ``(M,)`` members in run
-                order, a view of ``extended`` with ``slack >= self.slack`` entries on each side.
+            values: per tensor ``(extended, x, slack, bounds)``: ``x`` the ``(M,)`` members in
+                run order, a view of ``extended`` with ``slack >= self.slack`` entries on each
+                side; ``bounds``: ``torch.aminmax(x)`` if known (every level needs it).
             want_position: per tensor, whether the median's position is wanted.
 
         Returns:
             per tensor ``(median (S_l,), position (S_l,) int64 or None)``; an empty run gets
             median 0 and position ``M`` (one past the members)."""
         out = []
-        for (extended, x, slack), want in zip(values, want_position):
+        for (extended, x, slack, bounds), want in zip(values, want_position):
             median = x.new_zeros(self.size)
             if self.width:
                 matrices = [(None, self.rows(x).clone(), self.width)]
             else:
                 matrices = []
                 if self.classes:
-                    lo, hi = torch.aminmax(x)
+                    lo, hi = torch.aminmax(x) if bounds is None else bounds
                     step = torch.maximum(torch.maximum(lo.abs(), hi.abs()), torch.ones_like(lo)) * 2.0**-16
                     ramp = torch.arange(1, self.classes[-1][0] + 1, device=x.device, dtype=x.dtype) * step
                 for width, r, n, start, totals in self.classes:
@@ -553,16 +554,18 @@ class RunHierarchicalSSI(torch.autograd.Function):
         else:  # non-finite targets are invalid
             torch.index_select(torch.nan_to_num(target, 0.0, 0.0, 0.0), 0, layout.order, out=G)
         need_p, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        p_bounds = torch.aminmax(P) if M else None  # (for the selections' padding, every level)
+        g_bounds = torch.aminmax(G) if M else None
         total = torch.zeros((), dtype=torch.float64, device=pred.device)
         per_image = pred.new_zeros(layout.batch, dtype=torch.float64) if reduction == "per_image" else None
         loss_map = pred.new_zeros(M) if reduction == "none" else None
         saved = []
         for lvl, level in enumerate(levels):
             if layout.target_sorted and not need_g:
-                (tp, cp), = level.lower_medians([(P_ext, P, slack)], [need_p])
+                (tp, cp), = level.lower_medians([(P_ext, P, slack, p_bounds)], [need_p])
                 tg, cg = _sorted_run_medians(G, level)
             else:
-                (tp, cp), (tg, cg) = level.lower_medians([(P_ext, P, slack), (G_ext, G, slack)], [need_p, need_g])
+                (tp, cp), (tg, cg) = level.lower_medians([(P_ext, P, slack, p_bounds), (G_ext, G, slack, g_bounds)], [need_p, need_g])
             n1 = torch.as_tensor(level.n + 1, dtype=pred.dtype, device=pred.device)
             dp = level.sub(P, tp)
             dg = level.sub(G, tg)
