@@ -3,7 +3,8 @@ r"""Least-squares scale-and-shift alignment of a prediction to a ground truth (M
 A relative-depth network predicts depth (or inverse depth) only up to an unknown scale
 and shift. Before comparing with a ground truth, the prediction is aligned per image by
 the scale :math:`s` and shift :math:`t` that minimise the squared error over the valid
-pixels (Ranftl et al., "Towards Robust Monocular Depth Estimation", TPAMI 2020, Sec. 5).
+pixels (Ranftl et al., "Towards Robust Monocular Depth Estimation: Mixing Datasets for Zero-shot
+Cross-dataset Transfer", TPAMI 2022, Sec. 5).
 """
 
 from __future__ import annotations
