@@ -477,6 +477,7 @@ def relief_error(
     sigma: float = 2.0,
     erode: int = 2,
     min_pixels: int = 9,
+    align: Literal["affine", "plane"] = "affine",
     reduction: Literal["mean", "none"] = "mean",
 ) -> Tensor:
     r"""Per-object relief error: how much of each near object's fine relief the prediction misses.
@@ -494,17 +495,24 @@ def relief_error(
     .. math::
 
         h(x) = y - G_\sigma *_{E_o} y,\; y = x - \pi_o(x), \qquad
-        e_o = rac{\lVert h(s_o p + t_o) - h(g) 
-Vert_{E_o}}{\lVert h(g) 
-Vert_{E_o}}, \qquad
-        (s_o, t_o) = rg\min_{s,t} \sum_{i \in E_o} (s\,p_i + t - g_i)^2 .
+        e_o = \frac{\lVert s_o\, h(p) - h(g) \rVert_{E_o}}{\lVert h(g) \rVert_{E_o}} .
+
+    The scale :math:`s_o` comes from one of two alignments (``align``):
+
+    * ``"affine"`` (default, the metric notebook 06 pre-registered): up to scale and shift,
+      :math:`(s_o, t_o) = \arg\min_{s,t} \sum_{i \in E_o} (s\,p_i + t - g_i)^2`. The
+      object's tilt counts in the fit.
+    * ``"plane"``: up to scale, shift *and tilt*,
+      :math:`s_o = \arg\min_s \sum_{i \in E_o} (s\,y(p)_i - y(g)_i)^2`. The tilt is not part
+      of the relief, and from the image of a uniformly coloured surface it is ambiguous with
+      the albedo; under ``"affine"`` a prediction with the relief right and the tilt wrong
+      gets a small or even negative scale, and so an error near or above 1.
 
     So :math:`e_o = 0` for a prediction affine to the ground truth on the object and
     :math:`e_o = 1` for a flat one (a constant or a plane); it is
     independent of any positive scale and shift of ``target`` (depth or disparity-like labels
     give the same value when they are affine to each other). Objects with fewer than
-    ``min_pixels`` interior pixels or without relief (:math:`\lVert h(g) 
-Vert = 0`) are
+    ``min_pixels`` interior pixels or without relief (:math:`\lVert h(g) \rVert = 0`) are
     skipped. An image's error is the mean of its objects' :math:`e_o`; the batch error
     (``reduction="mean"``) is the mean over the images that have at least one object.
 
@@ -518,6 +526,8 @@ Vert = 0`) are
         sigma: high-pass scale in pixels, > 0.
         erode: erosion radius in pixels, >= 0.
         min_pixels: smallest interior that counts as an object, >= 2.
+        align: ``"affine"`` (scale and shift fitted to the raw values) or ``"plane"`` (scale
+            fitted after removing each object's least-squares plane), see above.
         reduction: ``"mean"`` (0-dim tensor) or ``"none"`` (``(B,)``, NaN for images without
             an object).
 
@@ -540,6 +550,8 @@ Vert = 0`) are
             raise ValueError(f"Invalid {name}: we expect an int >= {low}. Got: {value!r}.")
     if reduction not in ("mean", "none"):
         raise ValueError(f"Invalid reduction: we expect 'mean' or 'none'. Got: {reduction!r}.")
+    if align not in ("plane", "affine"):
+        raise ValueError(f"Invalid align: we expect 'plane' or 'affine'. Got: {align!r}.")
     if not isinstance(pred, Tensor) or pred.dim() not in (3, 4) or (pred.dim() == 4 and pred.shape[1] != 1):
         got = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
         raise ValueError(f"Invalid pred shape, we expect (B, 1, H, W) or (B, H, W). Got: {got}")
@@ -581,11 +593,16 @@ Vert = 0`) are
         n = w.sum(dim=(1, 2))
         mp = pk.sum(dim=(1, 2)) / n
         mg = gk.sum(dim=(1, 2)) / n
-        dp = torch.where(region, pk - mp[:, None, None], 0.0)
-        dg = torch.where(region, gk - mg[:, None, None], 0.0)
+        yp = torch.where(region, _detrend(pk, region), 0.0)
+        if align == "plane":
+            dp, dg = yp, torch.where(region, _detrend(gk, region), 0.0)
+        else:
+            dp = torch.where(region, pk - mp[:, None, None], 0.0)
+            dg = torch.where(region, gk - mg[:, None, None], 0.0)
         var = (dp * dp).sum(dim=(1, 2))
         cov = (dp * dg).sum(dim=(1, 2))
-        flat = var <= 1e-24 * n * (mp.abs() + 1).square()
+        # Flat: nothing but a plane, up to float32 rounding (1e-6 of the values' size).
+        flat = yp.square().sum(dim=(1, 2)) <= 1e-12 * pk.square().sum(dim=(1, 2))
         s = torch.where(flat, 0.0, cov / torch.where(flat, 1.0, var))
         hp = _high_pass(pk, region, float(sigma))
         hg = _high_pass(gk, region, float(sigma))

@@ -53,6 +53,20 @@ def test_relief_error_ranks_the_calibration_ladder(batch):
     assert errors["relief removed"] == pytest.approx(1.0) and errors["flat"] == pytest.approx(1.0)
 
 
+def test_plane_alignment_ignores_a_wrong_tilt_and_affine_alignment_does_not():
+    # The relief exact, the object's tilt wrong (opposite and larger): only the relief should count.
+    y, x = torch.meshgrid(torch.arange(20.0).double(), torch.arange(20.0).double(), indexing="ij")
+    relief = 0.05 * torch.sin(1.3 * x) * torch.cos(1.1 * y)
+    g = 2.0 + 0.01 * x + relief
+    pred = 2.0 - 0.05 * x + relief
+    near = torch.ones(1, 20, 20, dtype=torch.bool)
+    assert float(relief_error(pred[None], g[None], near, align="plane")) < 1e-6
+    affine = float(relief_error(pred[None], g[None], near))
+    assert affine > 1.0  # the fitted scale is negative: the relief counts as flipped
+    # Without a tilt error the two alignments agree.
+    assert float(relief_error(g[None] * 3 - 1, g[None], near, align="plane")) < 1e-6
+
+
 def test_relief_error_averages_objects_within_an_image():
     y, x = torch.meshgrid(torch.arange(16.0), torch.arange(32.0), indexing="ij")
     g = 2.0 + 0.05 * torch.sin(1.3 * x) * torch.cos(1.1 * y)
@@ -79,6 +93,7 @@ def test_relief_error_gives_nan_for_images_without_objects():
         ({"erode": -1}, "erode"),
         ({"min_pixels": 1}, "min_pixels"),
         ({"reduction": "sum"}, "reduction"),
+        ({"align": "scale"}, "align"),
     ],
 )
 def test_relief_error_rejects_bad_options(kwargs, word):
@@ -93,6 +108,22 @@ def test_relief_error_rejects_a_non_bool_near_map_and_wrong_shapes():
         relief_error(g, g, torch.ones(1, 1, 8, 8))
     with pytest.raises(ValueError, match="target"):
         relief_error(g, torch.rand(1, 1, 8, 9), g > 0)
+
+
+def test_relief_scene_tilt_sets_the_slope_of_the_objects_planes():
+    flat = make_relief_scene((5, 2), 32, tilt=0.0)
+    for k in range(int(flat.labels.max()) + 1):
+        plane = flat.smooth[flat.labels == k]
+        assert np.ptp(plane) < 1e-6 * plane.mean()  # tilt 0: each object's plane is level
+    steep = make_relief_scene((5, 2), 32, tilt=0.02)
+    usual = make_relief_scene((5, 2), 32)
+    assert np.array_equal(usual.depth, make_relief_scene((5, 2), 32, tilt=0.01).depth)
+    obj = usual.labels == 0
+    slope = np.ptp(steep.smooth[obj] - flat.smooth[obj])
+    assert slope == pytest.approx(2 * np.ptp(usual.smooth[obj] - flat.smooth[obj]), rel=1e-4)
+    for bad in (-0.01, 0.1, True, "0.01"):
+        with pytest.raises(ValueError, match="tilt"):
+            make_relief_scene(0, 32, tilt=bad)
 
 
 def test_relief_scenes_are_deterministic_by_seed():
@@ -230,3 +261,20 @@ def test_scene_differences_average_over_seeds_and_keep_nan_scenes():
     assert d[:2] == pytest.approx([-0.1, -0.1]) and math.isnan(d[2])
     with pytest.raises(ValueError, match="arm"):
         fd.scene_differences(_rows(), "hdn-ds")
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [({"arm": "mse"}, "arm"), ({"steps": -1}, "steps"), ({"size": 36}, "size"),
+     ({"lr": 0.0}, "lr"), ({"tilt": 0.2}, "tilt"), ({"tilt": True}, "tilt")],
+)  # fmt: skip
+def test_run_config_rejects_bad_values(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        fd.RunConfig(**kwargs)
+
+
+def test_run_config_tilt_reaches_the_test_scenes():
+    flat = fd.make_test_set(fd.RunConfig(tilt=0.0, test_scenes=4))
+    usual = fd.make_test_set(fd.RunConfig(test_scenes=4))
+    assert torch.equal(usual["depth"], make_relief_batch([(fd.TEST_SEED, i) for i in range(4)])["depth"])
+    assert not torch.equal(flat["smooth"], usual["smooth"])

@@ -108,7 +108,7 @@ def _seed_tuple(seed: SeedLike) -> tuple[int, ...]:
 
 
 def make_relief_scene(
-    seed: SeedLike, size: int = 32, disparity_fraction: float = 0.0
+    seed: SeedLike, size: int = 32, disparity_fraction: float = 0.0, tilt: float = 0.01
 ) -> ReliefScene:
     """Draw the scene of ``seed`` at ``size x size`` pixels.
 
@@ -116,6 +116,8 @@ def make_relief_scene(
         seed: a non-negative int or a sequence of them (e.g. ``(run_seed, step, index)``).
         size: image side in pixels, >= 16.
         disparity_fraction: probability in ``[0, 1]`` that the labels are affine in disparity.
+        tilt: largest slope of a near object's plane, in units of its distance per pixel
+            (``>= 0``; the slope is drawn uniformly in ``[-tilt, tilt]`` along each image axis).
 
     Returns:
         a :class:`ReliefScene`.
@@ -127,6 +129,8 @@ def make_relief_scene(
         raise ValueError(
             f"Invalid disparity_fraction: we expect a number in [0, 1]. Got: {disparity_fraction!r}."
         )
+    if isinstance(tilt, bool) or not isinstance(tilt, (int, float)) or not 0.0 <= tilt < 0.1:
+        raise ValueError(f"Invalid tilt: we expect a number in [0, 0.1). Got: {tilt!r}.")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(words))))
     f = float(size)  # focal length in pixels: a field of view of about 53 degrees
     v, u = np.mgrid[0:size, 0:size].astype(np.float64)
@@ -145,7 +149,7 @@ def make_relief_scene(
         left = int(k * slot + rng.uniform(1, max(1.0, slot - w - 1)))
         top = int(rng.uniform(0.2 * size, size - h - 1))
         z0 = rng.uniform(1.5, 3.0)
-        tilt_u, tilt_v = rng.uniform(-0.01, 0.01, 2) * z0
+        tilt_u, tilt_v = rng.uniform(-1.0, 1.0, 2) * tilt * z0
         plane = z0 + tilt_u * (u - left - w / 2) + tilt_v * (v - top - h / 2)
         relief = np.zeros_like(plane)
         for _ in range(int(rng.integers(3, 7))):
@@ -181,7 +185,7 @@ def make_relief_scene(
 
 
 def make_relief_batch(
-    seeds: Sequence[SeedLike], size: int = 32, disparity_fraction: float = 0.0
+    seeds: Sequence[SeedLike], size: int = 32, disparity_fraction: float = 0.0, tilt: float = 0.01
 ) -> dict[str, Tensor]:
     """The scenes of ``seeds`` stacked as tensors.
 
@@ -194,7 +198,7 @@ def make_relief_batch(
         >>> batch["rgb"].shape, batch["labels"].shape
         (torch.Size([4, 3, 32, 32]), torch.Size([4, 1, 32, 32]))
     """
-    scenes = [make_relief_scene(s, size, disparity_fraction) for s in seeds]
+    scenes = [make_relief_scene(s, size, disparity_fraction, tilt) for s in seeds]
     if not scenes:
         raise ValueError("Invalid seeds: we expect at least one seed. Got: an empty sequence.")
 

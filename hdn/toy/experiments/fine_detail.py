@@ -116,6 +116,7 @@ class RunConfig:
     levels: int = 3
     test_scenes: int = TEST_SCENES
     log_steps: int = 4
+    tilt: float = 0.01
 
     def __post_init__(self) -> None:
         if self.arm not in ARMS:
@@ -141,6 +142,9 @@ class RunConfig:
             )
         if not self.lr > 0:
             raise ValueError(f"Invalid lr: we expect a number > 0. Got: {self.lr!r}.")
+        tilt = self.tilt
+        if isinstance(tilt, bool) or not isinstance(tilt, (int, float)) or not 0 <= tilt < 0.1:
+            raise ValueError(f"Invalid tilt: we expect a number in [0, 0.1). Got: {self.tilt!r}.")
 
     def key(self) -> str:
         """Identifies the run in the results file (every option that changes what it computes)."""
@@ -221,7 +225,8 @@ def calibration_ladder(
 
 def make_test_set(config: RunConfig) -> dict[str, Tensor]:
     """The fixed test scenes ``(999, i)``, ``i < config.test_scenes``."""
-    return make_relief_batch([(TEST_SEED, i) for i in range(config.test_scenes)], config.size)
+    seeds = [(TEST_SEED, i) for i in range(config.test_scenes)]
+    return make_relief_batch(seeds, config.size, tilt=config.tilt)
 
 
 def _git_commit() -> str:
@@ -247,7 +252,9 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
     wall = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        pool = make_relief_batch([(config.seed, 1, i) for i in range(config.pool)], config.size)
+        pool = make_relief_batch(
+            [(config.seed, 1, i) for i in range(config.pool)], config.size, tilt=config.tilt
+        )
         model = UNet(base=config.base)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -292,8 +299,12 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
     depth, near = test["depth"], test["near"]
     per_scene = relief_error(pred, depth, near, sigma=SIGMA, erode=ERODE, reduction="none")
     zs = zero_shot_metrics(pred, depth, None, space="depth")
+    per_scene_plane = relief_error(
+        pred, depth, near, sigma=SIGMA, erode=ERODE, align="plane", reduction="none"
+    )
     metrics = {
         "relief_error": float(per_scene[~torch.isnan(per_scene)].mean()),
+        "relief_error_plane": float(per_scene_plane[~torch.isnan(per_scene_plane)].mean()),
         "abs_rel": zs["abs_rel"],
         "delta1": zs["delta1"],
         "fine_detail_error": float(fine_detail_error(pred, depth, None, space="depth")),
@@ -460,6 +471,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--base", type=int, default=d.base)
     p.add_argument("--test-scenes", type=int, default=d.test_scenes)
+    p.add_argument(
+        "--tilt", type=float, default=d.tilt, help="largest slope of the objects' planes"
+    )
     p.add_argument("--out", default=str(RESULTS), help="JSONL file the rows are appended to")
     p.add_argument(
         "--shard", default="0/1", help="I/N: run every N-th run of the plan, from the I-th"
@@ -480,7 +494,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         ) from None
     torch.set_num_threads(args.threads)
     base = RunConfig(steps=args.steps, size=args.size, pool=args.pool, batch_size=args.batch_size,
-                     lr=args.lr, base=args.base, test_scenes=args.test_scenes)  # fmt: skip
+                     lr=args.lr, base=args.base, test_scenes=args.test_scenes,
+                     tilt=args.tilt)  # fmt: skip
     out = Path(args.out)
     new = []
     for i, config in enumerate(_plan(args.arms, args.seeds, base)):
@@ -494,6 +509,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         new.append(row)
         m = row["metrics"]
         print(f"{config.arm} seed {config.seed}: relief_error {m['relief_error']:.4f} "
+              f"(plane-aligned {m['relief_error_plane']:.4f}) "
               f"abs_rel {m['abs_rel']:.4f} ({row['wall_time_s']:.0f} s)", flush=True)  # fmt: skip
     return new
 
