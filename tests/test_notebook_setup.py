@@ -55,3 +55,16 @@ def test_citation_cites_the_software_and_the_paper_with_its_six_authors():
     assert names == [("Zhang", "Chi"), ("Yin", "Wei"), ("Wang", "Zhibin"), ("Yu", "Gang"),
                      ("Fu", "Bin"), ("Shen", "Chunhua")]
     assert "Hierarchical Normalization for Robust Monocular Depth Estimation" in paper
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_code_lines_are_at_most_100_characters(path):
+    cells = json.loads(path.read_text())["cells"]
+    long = [
+        (index, line)
+        for index, cell in enumerate(cells)
+        if cell["cell_type"] == "code"
+        for line in "".join(cell["source"]).split("\n")
+        if len(line) > 100
+    ]
+    assert not long, f"{path.name}: code lines over 100 characters (cell, line): {long}"
