@@ -462,9 +462,8 @@ def _detrend(x: Tensor, region: Tensor) -> Tensor:
     return x - torch.einsum("ka,ahw->khw", coef, basis)
 
 
-def _high_pass(x: Tensor, region: Tensor, sigma: float) -> Tensor:
-    """``h(x) = y - G_sigma *_region y`` with ``y`` = ``x`` minus its plane over ``region``."""
-    y = torch.where(region, _detrend(x, region), 0.0)
+def _high_pass(y: Tensor, region: Tensor, sigma: float) -> Tensor:
+    """``h = y - G_sigma *_region y`` for ``y``, a map already detrended over ``region``."""
     return torch.where(region, y - _blur_within(y, region, sigma), 0.0)
 
 
@@ -594,8 +593,9 @@ def relief_error(
         mp = pk.sum(dim=(1, 2)) / n
         mg = gk.sum(dim=(1, 2)) / n
         yp = torch.where(region, _detrend(pk, region), 0.0)
+        yg = torch.where(region, _detrend(gk, region), 0.0)
         if align == "plane":
-            dp, dg = yp, torch.where(region, _detrend(gk, region), 0.0)
+            dp, dg = yp, yg
         else:
             dp = torch.where(region, pk - mp[:, None, None], 0.0)
             dg = torch.where(region, gk - mg[:, None, None], 0.0)
@@ -604,8 +604,8 @@ def relief_error(
         # Flat: nothing but a plane, up to float32 rounding (1e-6 of the values' size).
         flat = yp.square().sum(dim=(1, 2)) <= 1e-12 * pk.square().sum(dim=(1, 2))
         s = torch.where(flat, 0.0, cov / torch.where(flat, 1.0, var))
-        hp = _high_pass(pk, region, float(sigma))
-        hg = _high_pass(gk, region, float(sigma))
+        hp = _high_pass(yp, region, float(sigma))
+        hg = _high_pass(yg, region, float(sigma))
         res = torch.where(region, s[:, None, None] * hp - hg, 0.0)
         ref = torch.where(region, hg, 0.0)
         num = res.square().sum(dim=(1, 2)).sqrt()
