@@ -215,11 +215,17 @@ def test_every_arm_loss_is_zero_for_an_affine_prediction_and_positive_otherwise(
 def test_cli_smoke_run_writes_rows_and_resumes(tmp_path):
     out = tmp_path / "rows.jsonl"
     argv = ["--arms", "ssi", "object", "--seeds", "0", "--steps", "2", "--pool", "8",
-            "--test-scenes", "4", "--out", str(out)]  # fmt: skip
+            "--test-scenes", "4", "--disparity-arms", "ssi", "--out", str(out)]  # fmt: skip
     rows = fd.main(argv)
-    assert [r["config"]["arm"] for r in rows] == ["ssi", "object"]
+    # The disparity add-on runs after the main arms; attempt 2's defaults fill the rest.
+    assert [(r["config"]["arm"], r["config"]["disparity_fraction"]) for r in rows] == [
+        ("ssi", 0.0), ("object", 0.0), ("ssi", 1.0)
+    ]
+    assert rows[0]["config"]["tilt"] == 0.002 and rows[0]["config"]["batch_size"] == 12
+    assert '"disparity_fraction"' not in rows[0]["key"] and '"disparity_fraction"' in rows[2]["key"]
     stored = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(stored) == 2 and stored[0]["config"]["steps"] == 2
+    assert len(stored) == 3 and stored[0]["config"]["steps"] == 2
+    assert len(stored[0]["relief_plane_per_scene"]) == 4
     for key in (
         "metrics",
         "relief_per_scene",
@@ -233,7 +239,7 @@ def test_cli_smoke_run_writes_rows_and_resumes(tmp_path):
     assert len(stored[0]["relief_per_scene"]) == 4
     assert [g["step"] for g in stored[0]["grad_share"]] == [1, 2]
     assert fd.main(argv) == []  # resumable: nothing left to run
-    assert len(out.read_text().splitlines()) == 2
+    assert len(out.read_text().splitlines()) == 3
 
 
 def test_cli_rejects_a_bad_shard(tmp_path):

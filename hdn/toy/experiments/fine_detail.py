@@ -1,18 +1,22 @@
 """Does HDN keep fine near detail? A pre-registered ablation on scenes with learnable relief.
 
-The experiment of notebook 06. One command makes every committed row::
+The experiment of notebook 06. It ran twice; each attempt was pre-registered before its
+comparison arms ran. One command makes every committed row of attempt 2
+(``results/fine_detail_attempt2.jsonl``)::
 
     python -m hdn.toy.experiments.fine_detail --shard 0/2 &   # two single-thread workers
     python -m hdn.toy.experiments.fine_detail --shard 1/2
 
+and ``--attempt 1`` the rows of attempt 1 (``results/fine_detail.jsonl``).
+
 Each run (an arm x a seed) trains :class:`hdn.toy.models.UNet` on scenes of
 :mod:`hdn.toy.relief` and appends one JSON row (configuration, metrics, per-test-scene primary
 metric, gradient shares, wall time, host, torch version, git commit) to
-``hdn/toy/experiments/results/fine_detail.jsonl``. The command is resumable: a run whose row is
+the attempt's file in ``hdn/toy/experiments/results/``. The command is resumable: a run whose row is
 already in the file is skipped. Runs are ordered seed by seed, so an interrupted sweep leaves
 complete pairs.
 
-Pre-registration (fixed before the comparison ran; notebook 06 repeats it):
+Attempt 1's pre-registration (fixed before its comparison ran; notebook 06 repeats it):
 
 - **Arms.** ``ssi`` (image-level SSI), ``hdn-dr``, ``hdn-dp``, ``hdn-ds`` (:func:`hdn.hdn_loss`,
   ``L = 3`` levels as in notebook 05 and the paper's default), and the **positive control**
@@ -39,6 +43,31 @@ Pre-registration (fixed before the comparison ran; notebook 06 repeats it):
 - **Gradient link (notebook 04).** At a few steps the share of ``sum |dL/dp|`` inside the
   eroded near objects is logged, with the share of pixels there (what a uniform gradient
   would give).
+
+Attempt 2's pre-registration (fixed after attempt 1 and the pilots of
+``results/fine_detail_pilot2.jsonl``, before any of its comparison arms ran; notebook 06
+repeats it). Attempt 1's positive control failed its gate (1.22-1.36): under the ``"affine"``
+alignment the object's tilt, which a uniformly coloured object does not show, entered the
+scale fit. Attempt 2 changes only what the pilots showed necessary:
+
+- **Primary metric.** ``relief_error(..., align="plane")`` (sigma 2 px, erosion 2 px): each
+  object's scale is fitted after its plane is removed. Secondary: the ``"affine"`` relief
+  error of attempt 1, AbsRel, delta_1 and ``fine_detail_error``.
+- **Training.** As attempt 1, but objects tilted at most 0.002 (``tilt``, against 0.01), a pool
+  of 4096 scenes per seed, batch 12 and 12000 steps (cosine decay over 12000 steps), base 16.
+- **Arms, seeds, test set, decision rule** as attempt 1: ``ssi``, ``hdn-dr``, ``hdn-dp``,
+  ``hdn-ds`` (L = 3) and the control ``object``, seeds 0-4, the same 128 test scenes, and the
+  rule above applied to the primary metric. The bootstrap over test scenes uses the per-scene
+  plane-aligned errors.
+- **Positive control first.** The five ``object`` rows are the 12000-step pilots (run before
+  this pre-registration, with the code and options recorded in each row). The gate: the
+  primary metric below 0.5 in every seed. They passed it (0.390-0.442).
+- **Disparity add-on** (a secondary question, after the main comparison in the run order):
+  ``ssi`` and ``hdn-dr`` trained on scenes whose labels are all affine in disparity
+  (``disparity_fraction = 1``; a mixed fraction would make a scene's label space unknowable
+  from its image, a different question), seeds 0-4, otherwise the same. Read by the same
+  rule for ``hdn-dr - ssi``; AbsRel and delta_1 are then computed in inverse depth. It has
+  no positive control of its own.
 """
 
 from __future__ import annotations
@@ -68,6 +97,8 @@ from hdn.toy.relief import make_relief_batch
 __all__ = [
     "ARMS",
     "RESULTS",
+    "RESULTS_2",
+    "ATTEMPTS",
     "RunConfig",
     "bootstrap_interval",
     "calibration_ladder",
@@ -80,14 +111,24 @@ __all__ = [
     "paired_t_interval",
     "run",
     "scene_differences",
+    "select_rows",
     "verdict",
 ]
 
 #: Arms of the experiment, the positive control ``object`` last.
 ARMS = ("ssi", "hdn-dr", "hdn-dp", "hdn-ds", "object")
 
-#: The committed results (package data).
+#: The committed results of attempt 1 and attempt 2 (package data).
 RESULTS = Path(__file__).resolve().parent / "results" / "fine_detail.jsonl"
+RESULTS_2 = RESULTS.with_name("fine_detail_attempt2.jsonl")
+
+#: Command-line defaults of each attempt (``--attempt``); options given explicitly win.
+ATTEMPTS = {
+    1: {"steps": 600, "pool": 1024, "batch_size": 8, "tilt": 0.01, "out": RESULTS,
+        "disparity_arms": ()},
+    2: {"steps": 12000, "pool": 4096, "batch_size": 12, "tilt": 0.002, "out": RESULTS_2,
+        "disparity_arms": ("ssi", "hdn-dr")},
+}  # fmt: skip
 
 TEST_SEED = 999
 TEST_SCENES = 128
@@ -117,6 +158,7 @@ class RunConfig:
     test_scenes: int = TEST_SCENES
     log_steps: int = 4
     tilt: float = 0.01
+    disparity_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.arm not in ARMS:
@@ -145,10 +187,27 @@ class RunConfig:
         tilt = self.tilt
         if isinstance(tilt, bool) or not isinstance(tilt, (int, float)) or not 0 <= tilt < 0.1:
             raise ValueError(f"Invalid tilt: we expect a number in [0, 0.1). Got: {self.tilt!r}.")
+        frac = self.disparity_fraction
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
+            raise ValueError(
+                f"Invalid disparity_fraction: we expect a number in [0, 1]. Got: {frac!r}."
+            )
+
+    @property
+    def metric_space(self) -> str:
+        """Space of the AbsRel / delta_1 alignment: ``"inverse_depth"`` if most labels are disparity."""
+        return "inverse_depth" if self.disparity_fraction > 0.5 else "depth"
 
     def key(self) -> str:
-        """Identifies the run in the results file (every option that changes what it computes)."""
-        return json.dumps(asdict(self), sort_keys=True)
+        """Identifies the run in the results file (every option that changes what it computes).
+
+        ``disparity_fraction`` is left out at its default 0, so that rows written before the
+        option existed keep their keys.
+        """
+        fields = asdict(self)
+        if fields["disparity_fraction"] == 0:
+            del fields["disparity_fraction"]
+        return json.dumps(fields, sort_keys=True)
 
 
 def interior_labels(labels: Tensor, radius: int = ERODE) -> Tensor:
@@ -253,7 +312,10 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         pool = make_relief_batch(
-            [(config.seed, 1, i) for i in range(config.pool)], config.size, tilt=config.tilt
+            [(config.seed, 1, i) for i in range(config.pool)],
+            config.size,
+            disparity_fraction=config.disparity_fraction,
+            tilt=config.tilt,
         )
         model = UNet(base=config.base)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -298,7 +360,7 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
             )
     depth, near = test["depth"], test["near"]
     per_scene = relief_error(pred, depth, near, sigma=SIGMA, erode=ERODE, reduction="none")
-    zs = zero_shot_metrics(pred, depth, None, space="depth")
+    zs = zero_shot_metrics(pred, depth, None, space=config.metric_space)
     per_scene_plane = relief_error(
         pred, depth, near, sigma=SIGMA, erode=ERODE, align="plane", reduction="none"
     )
@@ -307,7 +369,9 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
         "relief_error_plane": float(per_scene_plane[~torch.isnan(per_scene_plane)].mean()),
         "abs_rel": zs["abs_rel"],
         "delta1": zs["delta1"],
-        "fine_detail_error": float(fine_detail_error(pred, depth, None, space="depth")),
+        "fine_detail_error": float(
+            fine_detail_error(pred, depth, None, space=config.metric_space)
+        ),
         "train_loss_last50": float(np.mean(history[-50:])) if history else math.nan,
     }
     return {
@@ -315,6 +379,7 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
         "config": asdict(config),
         "metrics": metrics,
         "relief_per_scene": [round(float(v), 6) for v in per_scene],
+        "relief_plane_per_scene": [round(float(v), 6) for v in per_scene_plane],
         "grad_share": shares,
         "train_time_s": round(train_time, 2),
         "wall_time_s": round(time.perf_counter() - wall, 2),
@@ -402,8 +467,36 @@ def bootstrap_interval(
     return float(d.mean()), float(low), float(high)
 
 
+def select_rows(rows: Sequence[dict], **options) -> list[dict]:
+    """The rows whose configuration has the given values (a missing field reads as its default).
+
+    Examples:
+        >>> rows = [{"config": {"arm": "ssi", "seed": 0}},
+        ...         {"config": {"arm": "ssi", "seed": 0, "disparity_fraction": 1.0}}]
+        >>> len(select_rows(rows, disparity_fraction=0.0)), len(select_rows(rows, arm="ssi"))
+        (1, 2)
+    """
+    defaults = asdict(RunConfig())
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"Invalid options: we expect RunConfig fields. Got: {unknown}.")
+    return [
+        r for r in rows
+        if all(r["config"].get(k, defaults[k]) == v for k, v in options.items())
+    ]  # fmt: skip
+
+
 def _by_arm_and_seed(rows: Sequence[dict]) -> dict[tuple[str, int], dict]:
-    return {(r["config"]["arm"], r["config"]["seed"]): r for r in rows}
+    table: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        key = (r["config"]["arm"], r["config"]["seed"])
+        if key in table:
+            raise ValueError(
+                f"Invalid rows: two runs of arm {key[0]!r} with seed {key[1]}; "
+                "select one setting first (select_rows)."
+            )
+        table[key] = r
+    return table
 
 
 def paired_differences(
@@ -424,13 +517,19 @@ def paired_differences(
     }
 
 
-def scene_differences(rows: Sequence[dict], arm: str, baseline: str = "ssi") -> np.ndarray:
-    """Per test scene, the primary metric of ``arm`` minus ``baseline``, averaged over the paired seeds."""
+def scene_differences(
+    rows: Sequence[dict], arm: str, baseline: str = "ssi", field: str = "relief_per_scene"
+) -> np.ndarray:
+    """Per test scene, ``field`` of ``arm`` minus ``baseline``, averaged over the paired seeds.
+
+    ``field``: ``"relief_per_scene"`` (affine, attempt 1's primary metric) or
+    ``"relief_plane_per_scene"`` (plane-aligned, attempt 2's).
+    """
     table = _by_arm_and_seed(rows)
     seeds = sorted({s for a, s in table if a == arm} & {s for a, s in table if a == baseline})
     if not seeds:
         raise ValueError(f"Invalid arm: no seed has both {arm!r} and {baseline!r}.")
-    diff = [np.asarray(table[arm, s]["relief_per_scene"]) - np.asarray(table[baseline, s]["relief_per_scene"])
+    diff = [np.asarray(table[arm, s][field]) - np.asarray(table[baseline, s][field])
             for s in seeds]  # fmt: skip
     return np.mean(diff, axis=0)
 
@@ -452,9 +551,19 @@ def verdict(low: float, high: float) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
-def _plan(arms: Sequence[str], seeds: Sequence[int], base: RunConfig) -> list[RunConfig]:
+def _plan(
+    arms: Sequence[str],
+    seeds: Sequence[int],
+    base: RunConfig,
+    disparity_arms: Sequence[str] = (),
+    disparity_fraction: float = 1.0,
+) -> list[RunConfig]:
+    """Every arm seed by seed, then the disparity add-on seed by seed."""
     fields = {k: v for k, v in asdict(base).items() if k not in ("arm", "seed")}
-    return [RunConfig(arm=a, seed=s, **fields) for s in seeds for a in arms]
+    plan = [RunConfig(arm=a, seed=s, **fields) for s in seeds for a in arms]
+    fields["disparity_fraction"] = disparity_fraction
+    plan += [RunConfig(arm=a, seed=s, **fields) for s in seeds for a in disparity_arms]
+    return plan
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -462,19 +571,24 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m hdn.toy.experiments.fine_detail", description=__doc__.split("\n")[0]
     )
+    p.add_argument("--attempt", type=int, default=2, choices=sorted(ATTEMPTS),
+                   help="defaults of steps, pool, batch size, tilt, out and the disparity "
+                        "add-on (ATTEMPTS)")  # fmt: skip
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--steps", type=int)
     p.add_argument("--size", type=int, default=d.size)
-    p.add_argument("--pool", type=int, default=d.pool)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--pool", type=int)
+    p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--base", type=int, default=d.base)
     p.add_argument("--test-scenes", type=int, default=d.test_scenes)
-    p.add_argument(
-        "--tilt", type=float, default=d.tilt, help="largest slope of the objects' planes"
-    )
-    p.add_argument("--out", default=str(RESULTS), help="JSONL file the rows are appended to")
+    p.add_argument("--tilt", type=float, help="largest slope of the objects' planes")
+    p.add_argument("--disparity-arms", nargs="*", choices=ARMS,
+                   help="arms also run with labels affine in disparity, after the others")
+    p.add_argument("--disparity-fraction", type=float, default=1.0,
+                   help="share of disparity-labelled scenes in the disparity add-on")
+    p.add_argument("--out", help="JSONL file the rows are appended to")
     p.add_argument(
         "--shard", default="0/1", help="I/N: run every N-th run of the plan, from the I-th"
     )
@@ -492,23 +606,29 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         raise ValueError(
             f"Invalid shard: we expect I/N with 0 <= I < N. Got: {args.shard!r}."
         ) from None
+    preset = ATTEMPTS[args.attempt]
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     torch.set_num_threads(args.threads)
     base = RunConfig(steps=args.steps, size=args.size, pool=args.pool, batch_size=args.batch_size,
                      lr=args.lr, base=args.base, test_scenes=args.test_scenes,
                      tilt=args.tilt)  # fmt: skip
+    plan = _plan(args.arms, args.seeds, base, args.disparity_arms, args.disparity_fraction)
     out = Path(args.out)
     new = []
-    for i, config in enumerate(_plan(args.arms, args.seeds, base)):
+    for i, config in enumerate(plan):
         if i % shards != shard:
             continue
         if config.key() in {row["key"] for row in load_rows(out)}:
-            print(f"skip {config.arm} seed {config.seed}: already in {out}", flush=True)
+            print(f"skip {config.arm} seed {config.seed} (disparity_fraction "
+                  f"{config.disparity_fraction}): already in {out}", flush=True)  # fmt: skip
             continue
         row = run(config)
         _append(out, row)
         new.append(row)
         m = row["metrics"]
-        print(f"{config.arm} seed {config.seed}: relief_error {m['relief_error']:.4f} "
+        print(f"{config.arm} seed {config.seed} disp {config.disparity_fraction}: relief_error {m['relief_error']:.4f} "
               f"(plane-aligned {m['relief_error_plane']:.4f}) "
               f"abs_rel {m['abs_rel']:.4f} ({row['wall_time_s']:.0f} s)", flush=True)  # fmt: skip
     return new
