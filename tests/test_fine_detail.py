@@ -272,7 +272,9 @@ def test_scene_differences_average_over_seeds_and_keep_nan_scenes():
 @pytest.mark.parametrize(
     "kwargs, word",
     [({"arm": "mse"}, "arm"), ({"steps": -1}, "steps"), ({"size": 36}, "size"),
-     ({"lr": 0.0}, "lr"), ({"tilt": 0.2}, "tilt"), ({"tilt": True}, "tilt")],
+     ({"lr": 0.0}, "lr"), ({"tilt": 0.2}, "tilt"), ({"tilt": True}, "tilt"),
+     ({"disparity_fraction": 1.5}, "disparity_fraction"),
+     ({"disparity_fraction": True}, "disparity_fraction")],
 )  # fmt: skip
 def test_run_config_rejects_bad_values(kwargs, word):
     with pytest.raises(ValueError, match=word):
@@ -285,3 +287,36 @@ def test_run_config_tilt_reaches_the_test_scenes():
     plain = make_relief_batch([(fd.TEST_SEED, i) for i in range(4)])
     assert torch.equal(usual["depth"], plain["depth"])
     assert not torch.equal(flat["smooth"], usual["smooth"])
+
+
+def test_run_config_key_leaves_out_a_default_disparity_fraction():
+    # Rows written before the option existed (attempt 1, the pilots) keep their keys.
+    old = json.loads(fd.RunConfig().key())
+    assert "disparity_fraction" not in old and "tilt" in old
+    assert json.loads(fd.RunConfig(disparity_fraction=1.0).key())["disparity_fraction"] == 1.0
+    assert fd.RunConfig(disparity_fraction=1.0).metric_space == "inverse_depth"
+    assert fd.RunConfig().metric_space == "depth"
+
+
+def test_committed_control_rows_are_the_ones_attempt_2_plans():
+    preset = {k: v for k, v in fd.ATTEMPTS[2].items() if k not in ("out", "disparity_arms")}
+    plan = fd._plan(fd.ARMS, range(5), fd.RunConfig(**preset), fd.ATTEMPTS[2]["disparity_arms"])
+    keys = {c.key() for c in plan}
+    rows = fd.load_rows(name="fine_detail_attempt2.jsonl")
+    control = [r for r in rows if r["config"]["arm"] == "object"]
+    assert sorted(r["config"]["seed"] for r in control) == [0, 1, 2, 3, 4]
+    assert all(r["key"] in keys for r in rows)  # every committed row is a planned run
+    # The disparity add-on comes after every main run.
+    disparity = [c.disparity_fraction for c in plan]
+    assert disparity == sorted(disparity) and disparity.count(1.0) == 10
+
+
+def test_select_rows_and_duplicate_runs_are_refused():
+    rows = _rows()
+    twin = dict(rows[0], config=dict(rows[0]["config"], disparity_fraction=1.0))
+    with pytest.raises(ValueError, match="select"):
+        fd.paired_differences([*rows, twin], "hdn-dr")
+    assert fd.select_rows([*rows, twin], disparity_fraction=0.0) == rows
+    assert fd.select_rows([*rows, twin], disparity_fraction=1.0) == [twin]
+    with pytest.raises(ValueError, match="options"):
+        fd.select_rows(rows, colour="red")
