@@ -96,9 +96,9 @@ from hdn.toy.relief import make_relief_batch
 
 __all__ = [
     "ARMS",
+    "ATTEMPTS",
     "RESULTS",
     "RESULTS_2",
-    "ATTEMPTS",
     "RunConfig",
     "bootstrap_interval",
     "calibration_ladder",
@@ -195,7 +195,7 @@ class RunConfig:
 
     @property
     def metric_space(self) -> str:
-        """Space of the AbsRel / delta_1 alignment: ``"inverse_depth"`` if most labels are disparity."""
+        """Space of the AbsRel / delta_1 fit: ``"inverse_depth"`` if most labels are disparity."""
         return "inverse_depth" if self.disparity_fraction > 0.5 else "depth"
 
     def key(self) -> str:
@@ -396,8 +396,9 @@ def load_rows(
     path: str | os.PathLike | None = None, *, name: str = "fine_detail.jsonl"
 ) -> list[dict]:
     """The rows of a results file; default: the committed results file ``name`` (package data,
-    read through importlib.resources: ``fine_detail.jsonl``, or ``fine_detail_pilot.jsonl`` for the
-    positive-control pilot). A ``path`` that does not exist gives no rows."""
+    read through importlib.resources): ``fine_detail.jsonl`` (attempt 1),
+    ``fine_detail_attempt2.jsonl`` (attempt 2), or the pilots ``fine_detail_pilot.jsonl`` and
+    ``fine_detail_pilot2.jsonl``. A ``path`` that does not exist gives no rows."""
     if path is None:
         from importlib.resources import files
 
@@ -628,8 +629,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         _append(out, row)
         new.append(row)
         m = row["metrics"]
-        print(f"{config.arm} seed {config.seed} disp {config.disparity_fraction}: relief_error {m['relief_error']:.4f} "
-              f"(plane-aligned {m['relief_error_plane']:.4f}) "
+        print(f"{config.arm} seed {config.seed} disp {config.disparity_fraction}: "
+              f"relief_error {m['relief_error']:.4f} (plane-aligned {m['relief_error_plane']:.4f}) "
               f"abs_rel {m['abs_rel']:.4f} ({row['wall_time_s']:.0f} s)", flush=True)  # fmt: skip
     return new
 
