@@ -320,3 +320,10 @@ def test_select_rows_and_duplicate_runs_are_refused():
     assert fd.select_rows([*rows, twin], disparity_fraction=1.0) == [twin]
     with pytest.raises(ValueError, match="options"):
         fd.select_rows(rows, colour="red")
+
+
+def test_complete_seeds_keep_only_seeds_with_every_arm():
+    rows = _rows()  # ssi and hdn-dr at seeds 0-2; the last row is hdn-dr at seed 2
+    assert fd.complete_seeds(rows, ("ssi", "hdn-dr")) == [0, 1, 2]
+    assert fd.complete_seeds(rows[:-1], ("ssi", "hdn-dr")) == [0, 1]
+    assert fd.complete_seeds(rows, ("ssi", "hdn-ds")) == []

@@ -102,6 +102,7 @@ __all__ = [
     "RunConfig",
     "bootstrap_interval",
     "calibration_ladder",
+    "complete_seeds",
     "interior_labels",
     "load_rows",
     "main",
@@ -466,6 +467,22 @@ def bootstrap_interval(
     means = d[rng.integers(0, d.size, (resamples, d.size))].mean(axis=1)
     low, high = np.quantile(means, [0.025, 0.975])
     return float(d.mean()), float(low), float(high)
+
+
+def complete_seeds(rows: Sequence[dict], arms: Iterable[str] = ARMS) -> list[int]:
+    """The seeds that have a run of every arm in ``arms``, sorted: the seeds whose runs all pair.
+
+    Examples:
+        >>> runs = [("ssi", 0), ("x", 0), ("ssi", 1)]
+        >>> rows = [{"config": {"arm": a, "seed": s}} for a, s in runs]
+        >>> complete_seeds(rows, ("ssi", "x"))
+        [0]
+    """
+    wanted = set(arms)
+    have: dict[int, set[str]] = {}
+    for r in rows:
+        have.setdefault(r["config"]["seed"], set()).add(r["config"]["arm"])
+    return sorted(s for s, found in have.items() if wanted <= found)
 
 
 def select_rows(rows: Sequence[dict], **options) -> list[dict]:
