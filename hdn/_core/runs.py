@@ -84,6 +84,11 @@ class RunLayout:
         target_sorted: True if, within every context of every level, the order ascends in
             the target (DR/DP bins with the contexts' own target): then the target's median
             of a run of ``n`` is its member ``(n - 1) // 2``, with no selection.
+        pixel_order: True if ``order`` ascends (the whole image's valid pixels row-major).
+
+    Members are valid pixels: the target is finite at every one of them. Where every pixel
+    is a member in pixel order (SSI on fully valid images), the layout is the *identity*:
+    tensors in run order are the per-pixel tensors themselves, with no gather or scatter.
     """
 
     def __init__(
@@ -96,6 +101,7 @@ class RunLayout:
         num_valid: int | None = None,
         laid_target: Tensor | None = None,
         target_sorted: bool = False,
+        pixel_order: bool = False,
     ):
         self.order = order
         self.lengths = lengths.to(torch.int64)
@@ -110,7 +116,9 @@ class RunLayout:
         S = self.lengths.numel()
         if order.numel() != self.num_members or any(S % g for g in self.groups) or S % batch:
             raise ValueError("Invalid run layout: order, lengths and groups do not agree.")
+        self.identity = pixel_order and self.num_members == num_pixels
         self._finest_id: Tensor | None = None
+        self._order64: Tensor | None = None
 
     @property
     def num_levels(self) -> int:
@@ -131,16 +139,17 @@ class RunLayout:
         return self._finest_id if group == 1 else torch.div(self._finest_id, group, rounding_mode="floor")
 
     def gather(self, x: Tensor) -> Tensor:
-        """``(N,)`` per pixel -> ``(M,)`` in run order."""
-        return x.index_select(0, self.order)
+        """``(N,)`` per pixel -> ``(M,)`` in run order (``x`` itself for the identity)."""
+        return x if self.identity else x.index_select(0, self.order)
 
     def per_pixel(self, y: Tensor) -> Tensor:
-        """``(M,)`` in run order -> ``(N,)`` per pixel, 0 for pixels that are no member."""
-        out = y.new_zeros(self.num_pixels)
-        if y.device.type == "cpu":
-            out.numpy()[self.order.numpy()] = y.detach().numpy()
-            return out
-        return out.index_put_((self.order,), y)
+        """``(M,)`` in run order -> ``(N,)`` per pixel, 0 for pixels that are no member
+        (``y`` itself for the identity)."""
+        if self.identity:
+            return y
+        if self._order64 is None:  # (index_copy_ takes int64 only; made once per call)
+            self._order64 = self.order.to(torch.int64)
+        return y.new_zeros(self.num_pixels).index_copy_(0, self._order64, y)
 
     # -- layouts of the fixed hierarchies ---------------------------------------------------
 
@@ -150,9 +159,11 @@ class RunLayout:
         B = valid.shape[0]
         flat = valid.reshape(B, -1)
         lengths = torch.count_nonzero(flat, dim=1)
-        dtype = torch.int32 if valid.numel() < 2**31 else torch.int64
-        order = _compress(torch.arange(valid.numel(), dtype=dtype, device=valid.device), flat.reshape(-1))
-        return cls(order, lengths, [1], valid.numel(), B)
+        if valid.device.type == "cpu":  # (NumPy: three times faster than a compress of arange)
+            order = torch.from_numpy(np.flatnonzero(flat.numpy()))
+        else:
+            order = torch.nonzero(flat.reshape(-1)).squeeze(1)
+        return cls(order, lengths, [1], valid.numel(), B, pixel_order=True)
 
     @classmethod
     def grid(cls, valid: Tensor, levels: int) -> RunLayout:
@@ -542,17 +553,22 @@ class RunHierarchicalSSI(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, target, layout: RunLayout, reduction: str = "mean", image_valid=None):  # type: ignore[override]
         levels = [_Level(layout, lvl) for lvl in range(layout.num_levels)]
-        # members in run order, with room on both sides for the selections' windows
+        # members in run order, with room on both sides for the selections' windows (the
+        # inputs themselves where the layout is the identity and no window needs room)
         M, slack = layout.num_members, max(level.slack for level in levels)
-        P_ext = pred.new_zeros(M + 2 * slack)
-        P = P_ext[slack : slack + M]
-        torch.index_select(pred, 0, layout.order, out=P)
-        G_ext = pred.new_zeros(M + 2 * slack)
-        G = G_ext[slack : slack + M]
-        if layout.laid_target is not None:
-            G.copy_(layout.laid_target)
-        else:  # non-finite targets are invalid
-            torch.index_select(torch.nan_to_num(target, 0.0, 0.0, 0.0), 0, layout.order, out=G)
+        if layout.identity and not slack:
+            P_ext = P = pred
+            G_ext = G = target
+        else:
+            P_ext = pred.new_zeros(M + 2 * slack)
+            P = P_ext[slack : slack + M]
+            torch.index_select(pred, 0, layout.order, out=P)
+            G_ext = pred.new_zeros(M + 2 * slack)
+            G = G_ext[slack : slack + M]
+            if layout.laid_target is not None:
+                G.copy_(layout.laid_target)
+            else:  # (members are valid: the target is finite there)
+                torch.index_select(target, 0, layout.order, out=G)
         need_p, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         p_bounds = torch.aminmax(P) if M else None  # (for the selections' padding, every level)
         g_bounds = torch.aminmax(G) if M else None
