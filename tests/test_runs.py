@@ -433,11 +433,12 @@ def test_loss_without_gradients_equals_the_loss_with_them(context):
     assert plain == _loss_fn(context)(p.clone().requires_grad_(True), g).detach()
 
 
-@pytest.mark.parametrize("scene", ["dense", "sparse", "skewed"])
+@pytest.mark.parametrize("scene", ["dense", "sparse", "skewed", "ties"])
 @pytest.mark.parametrize("context", [None, "dr", "dp", "ds"])
 def test_torch_kernels_of_cuda_give_the_numpy_kernels_loss_and_gradients(context, scene, monkeypatch):
-    """The kernels that run on CUDA (torch.kthvalue, gathers, scatter_reduce) checked on the
-    CPU against NumPy's, for the prediction and the target."""
+    """The kernels that run on CUDA (torch.kthvalue, gathers, the median's first column)
+    checked on the CPU against NumPy's, for the prediction and the target; with ties, the
+    same pixel of a tie group takes the median's gradient."""
     gen = torch.Generator().manual_seed(12)
     g = 1 + torch.rand(2, 1, 45, 38, generator=gen, dtype=torch.float64)
     g[0, 0, :2] = float("nan")
@@ -447,6 +448,8 @@ def test_torch_kernels_of_cuda_give_the_numpy_kernels_loss_and_gradients(context
     elif scene == "skewed":
         g = g**8
     p = torch.randn(g.shape, generator=gen, dtype=torch.float64)
+    if scene == "ties":
+        g, p = torch.round(g * 4) / 4, torch.round(p * 2) / 2
 
     def run():
         leaf_p, leaf_g = p.clone().requires_grad_(True), g.clone().requires_grad_(True)
@@ -458,4 +461,46 @@ def test_torch_kernels_of_cuda_give_the_numpy_kernels_loss_and_gradients(context
     monkeypatch.setattr(runs, "_NUMPY", False)
     torch_path = run()
     for a, b in zip(numpy_path, torch_path):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("scene", ["mixed", "dense"])
+@pytest.mark.parametrize("numpy_kernels", [True, False])
+@pytest.mark.parametrize("piece", [64, 200, 1000])
+@pytest.mark.parametrize("reduction", ["mean", "per_image", "none"])
+@pytest.mark.parametrize("context", [None, "dr", "dp", "ds"])
+def test_levels_in_small_pieces_give_the_loss_and_gradients_of_one_piece(
+    context, reduction, piece, numpy_kernels, scene, monkeypatch
+):
+    """On CPU a level's passes run piece by piece (``runs._PIECE`` members): pieces that cut
+    runs, and pieces of whole rows where runs have one length ("dense": fully valid images
+    whose DS cells have one size), give the loss and the gradients (prediction and target)
+    of the level in one piece."""
+    gen = torch.Generator().manual_seed(5)
+    if scene == "dense":
+        g = 1 + 9 * torch.rand(3, 1, 36, 44, generator=gen, dtype=torch.float64)
+    else:
+        g = 1 + 9 * torch.rand(3, 1, 37, 45, generator=gen, dtype=torch.float64)
+        g[0, 0, :5] = float("nan")
+        g[1][torch.rand(37, 45, generator=gen).unsqueeze(0) < 0.8] = float("nan")  # sparse
+        g[2] = g[2] ** 3  # skewed
+    p = torch.randn(g.shape, generator=gen, dtype=torch.float64)
+    weights = torch.rand(g.shape if reduction == "none" else (3,), generator=gen, dtype=torch.float64)
+    monkeypatch.setattr(runs, "_NUMPY", numpy_kernels)
+
+    def run():
+        leaf_p, leaf_g = p.clone().requires_grad_(True), g.clone().requires_grad_(True)
+        if context is None:
+            loss = hdn.ssi_loss(leaf_p, leaf_g, reduction=reduction)
+        else:
+            loss = hdn.hdn_loss(leaf_p, leaf_g, context=context, levels=3, reduction=reduction)
+        (loss if reduction == "mean" else loss * weights).sum().backward()
+        return loss.detach(), leaf_p.grad, torch.nan_to_num(leaf_g.grad)
+
+    monkeypatch.setattr(runs, "_PIECE", 2**30)
+    whole = run()
+    monkeypatch.setattr(runs, "_PIECE", piece)
+    valid = g[:, 0].isfinite()
+    assert len(runs._Level(runs.RunLayout.whole_image(valid), 0).pieces) > 1  # (several pieces)
+    for a, b in zip(whole, run()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -286,7 +286,7 @@ class _Bounds:
         self.head = column.unsqueeze(0) < torch.as_tensor(bounds % _BLOCK, device=device).unsqueeze(1)
 
 
-def segment_sums(x: Tensor, bounds: _Bounds) -> Tensor:
+def segment_sums(x: Tensor, bounds: _Bounds, float64: bool = False) -> Tensor:
     """Sums of the consecutive runs of ``x`` (``(M,)``), as accurate as a pairwise sum.
 
     ``x`` is cut into blocks of 64 entries; the blocks are summed (pairwise, in ``x``'s
@@ -297,6 +297,9 @@ def segment_sums(x: Tensor, bounds: _Bounds) -> Tensor:
     Args:
         x: ``(M,)``.
         bounds: the runs' bounds (:class:`_Bounds`).
+
+        float64: return the sums in float64 (to accumulate them further) instead of in
+            ``x``'s dtype.
 
     Returns:
         ``(S,)`` in ``x``'s dtype (empty runs sum to 0)."""
@@ -311,7 +314,8 @@ def segment_sums(x: Tensor, bounds: _Bounds) -> Tensor:
     rows = torch.cat([blocks, tail]).index_select(0, bounds.block) if full < 64 else _block_rows(blocks, tail, bounds.block)
     partial = (rows * bounds.head).sum(1).to(torch.float64)
     prefix = running.index_select(0, bounds.block) + partial
-    return torch.diff(prefix).to(x.dtype)
+    sums = torch.diff(prefix)
+    return sums if float64 else sums.to(x.dtype)
 
 
 def _block_rows(blocks: Tensor, tail: Tensor, block: Tensor) -> Tensor:
@@ -319,6 +323,52 @@ def _block_rows(blocks: Tensor, tail: Tensor, block: Tensor) -> Tensor:
     inside = block < blocks.shape[0]
     rows = blocks.index_select(0, block.clamp(max=blocks.shape[0] - 1))
     return torch.where(inside.unsqueeze(1), rows, tail)
+
+
+_PIECE = 2**19
+"""Members per piece of a level's passes on CPU (2 MiB of float32): every per-member pass of
+a level runs piece by piece, so that the few values it makes per member stay in the cache
+between one operation and the next, where a pass over all ``M`` members would send each
+to memory and back. Other devices take a level in one piece."""
+
+
+class _Piece:
+    """Members ``[a, b)`` of one level and the runs ``r0 .. r1 - 1`` that overlap them.
+
+    Where the level's runs all have length ``w``, a piece is whole runs, seen as a
+    ``(r1 - r0, w)`` matrix; otherwise it is a flat range whose first and last runs may be
+    cut, ``counts`` of their members inside it.
+    """
+
+    def __init__(self, level: _Level, a: int, b: int, r0: int, r1: int, counts: np.ndarray | None):
+        self.level, self.a, self.b, self.r0, self.r1 = level, a, b, r0, r1
+        self.counts = counts
+        self.bounds = None if counts is None else _Bounds(counts, level.device)
+
+    def view(self, x: Tensor) -> Tensor:
+        """The piece's members of ``x`` (``(M,)``): ``(r1 - r0, w)`` or ``(b - a,)``."""
+        xc = x[self.a : self.b]
+        return xc.view(self.r1 - self.r0, -1) if self.counts is None else xc
+
+    def expand(self, v: Tensor) -> Tensor:
+        """A per-run value ``v`` (``(S_l,)``) for the piece's members, broadcastable with
+        :meth:`view`."""
+        vr = v[self.r0 : self.r1]
+        if self.counts is None:
+            return vr.unsqueeze(1)
+        if _numpy_kernels(v):
+            return torch.from_numpy(np.repeat(vr.numpy(), self.counts))
+        return v.index_select(0, self.level.seg[self.a : self.b])
+
+    def sums(self, x: Tensor) -> Tensor:
+        """float64 ``(r1 - r0,)`` sums of ``x`` (a :meth:`view`) over each run's members here."""
+        if self.counts is None:
+            return x.sum(1, dtype=torch.float64) if x.dtype == torch.float64 else x.sum(1).double()
+        return segment_sums(x, self.bounds, float64=True)
+
+    def add_to(self, total: Tensor, x: Tensor) -> None:
+        """``total[r0:r1] += sums(x)``: the piece's share of per-run float64 sums."""
+        total[self.r0 : self.r1] += self.sums(x)
 
 
 class _Level:
@@ -344,9 +394,10 @@ class _Level:
         self.bounds = None if self.width else _Bounds(n, dev)
         self._layout, self._level = layout, level
         self._seg: Tensor | None = None
+        self.pieces = self._make_pieces(_PIECE if dev.type == "cpu" else max(self.num_members, 1))
         # length classes (2**(k-1) < n <= 2**k), each as wide as its longest run; the
         # padding a row needs on either side (``slack``) is below a quarter of its width
-        self.classes: list[tuple[int, Tensor, Tensor, Tensor, tuple[int, int]]] = []
+        self.classes: list[tuple[int, Tensor, Tensor, Tensor]] = []
         self.slack = 0
         if self.width:
             return
@@ -358,11 +409,30 @@ class _Level:
             width = int(n[rows].max())
             self.slack = max(self.slack, (width - int(n[rows].min())) // 2 + 1)
             r = torch.as_tensor(rows, device=dev)
-            # padding entries below and above the members, in all rows (known on the host,
-            # so that the selections need no host synchronisation)
-            below = (width - 1) // 2 - (n[rows] - 1) // 2
-            totals = (int(below.sum()), int((width - below - n[rows]).sum()))
-            self.classes.append((width, r, self.n_t.index_select(0, r), self.starts_t.index_select(0, r), totals))
+            self.classes.append((width, r, self.n_t.index_select(0, r), self.starts_t.index_select(0, r)))
+
+    def _make_pieces(self, size: int) -> list[_Piece]:
+        """The level's members in pieces of about ``size``: whole rows where the runs have
+        one length, else ranges ``[k * size, (k + 1) * size)`` with the runs they cut."""
+        M, n = self.num_members, self.n
+        if not M:
+            return []
+        if self.width:
+            rows = max(1, size // self.width)
+            return [
+                _Piece(self, r0 * self.width, min(r0 + rows, self.size) * self.width, r0, min(r0 + rows, self.size), None)
+                for r0 in range(0, self.size, rows)
+            ]
+        size = max(_BLOCK, size // _BLOCK * _BLOCK)
+        starts, ends = self.starts, self.starts + n
+        pieces = []
+        for a in range(0, M, size):
+            b = min(a + size, M)
+            r0 = int(np.searchsorted(ends, a, side="right"))  # the first run ending after a
+            r1 = int(np.searchsorted(starts, b, side="left"))  # the first run starting at b or later
+            counts = np.minimum(ends[r0:r1], b) - np.maximum(starts[r0:r1], a)
+            pieces.append(_Piece(self, a, b, r0, r1, np.maximum(counts, 0)))
+        return pieces
 
     @property
     def seg(self) -> Tensor:
@@ -450,26 +520,40 @@ class _Level:
         out = []
         for (extended, x, slack, bounds), want in zip(values, want_position):
             median = x.new_zeros(self.size)
+            in_numpy = _numpy_kernels(x)  # (NumPy's selection reorders the rows in place)
             if self.width:
-                matrices = [(None, self.rows(x).clone(), self.width)]
+                matrices = [(None, self.rows(x).clone() if in_numpy else self.rows(x), self.width, self.starts_t)]
             else:
                 matrices = []
                 if self.classes:
                     lo, hi = torch.aminmax(x) if bounds is None else bounds
                     step = torch.maximum(torch.maximum(lo.abs(), hi.abs()), torch.ones_like(lo)) * 2.0**-16
                     ramp = torch.arange(1, self.classes[-1][0] + 1, device=x.device, dtype=x.dtype) * step
-                for width, r, n, start, totals in self.classes:
+                for width, r, n, start in self.classes:
                     below = (width - 1) // 2 - torch.div(n - 1, 2, rounding_mode="floor")
                     rows = extended.unfold(0, width, 1).index_select(0, start - below + slack)
-                    _fill_padding(rows, below, n, lo - ramp, hi + ramp, totals)
-                    matrices.append((r, rows, width))
-            picked = _select_middle([rows for _, rows, _ in matrices])
-            for (r, _, _), value in zip(matrices, picked):
+                    _fill_padding(rows, below, n, lo - ramp, hi + ramp)
+                    matrices.append((r, rows, width, start - below))
+            picked = _select_middle([rows for _, rows, _, _ in matrices])
+            position = None
+            if want and not in_numpy:
+                # the first column of each (unchanged) row holding its median: padding entries
+                # lie strictly below or above every member, so the column is a member's
+                position = torch.full((self.size,), self.num_members, dtype=torch.int64, device=x.device)
+            for (r, rows, _, first_place), value in zip(matrices, picked):
                 if r is None:
                     median.copy_(value)
                 else:
                     median.index_copy_(0, r, value)
-            out.append((median, self.first_position(x, median) if want else None))
+                if position is not None:
+                    place = first_place + (rows == value.unsqueeze(1)).to(torch.uint8).argmax(1)
+                    if r is None:
+                        position.copy_(place)
+                    else:
+                        position.index_copy_(0, r, place)
+            if want and position is None:
+                position = self.first_position(x, median)
+            out.append((median, position))
         return out
 
 
@@ -504,24 +588,24 @@ def _select_middle(matrices: list[Tensor]) -> list[Tensor]:
     return [m[:, (m.shape[1] - 1) // 2].clone() for m in matrices]
 
 
-def _fill_padding(
-    rows: Tensor, below: Tensor, n: Tensor, low: Tensor, high: Tensor, totals: tuple[int, int] | None = None
-) -> None:
-    """Entries ``[0, below)`` of every row of ``rows`` (``(R, w)``) become ``low[column]`` and
-    entries ``[below + n, w)`` become ``high[column]``; work in the padding entries only.
-    ``totals``: the numbers of entries below and above, if known on the host."""
+def _fill_padding(rows: Tensor, below: Tensor, n: Tensor, low: Tensor, high: Tensor) -> None:
+    """Entries ``[0, below)`` of every row of ``rows`` (``(R, w)``, contiguous) become
+    ``low[column]`` and entries ``[below + n, w)`` become ``high[column]``, in one masked
+    copy: the entries below the members lie left of the middle column ``(w - 1) // 2``
+    (``below <= (w - 1) // 2``), those above right of it (``below + n > (w - 1) // 2``).
+    ``low``, ``high``: at least ``w`` entries."""
     R, w = rows.shape
-    flat = rows.view(-1)
-    row_start = torch.arange(R, device=rows.device) * w
-    if totals is None:
-        totals = (int(below.sum()), int((w - below - n).sum()))
-    for count, begin, fill, total in ((below, torch.zeros_like(below), low, totals[0]), (w - below - n, below + n, high, totals[1])):
-        if not total:
-            continue
-        owner = torch.repeat_interleave(torch.arange(R, device=rows.device), count, output_size=total)
-        offset = torch.arange(total, device=rows.device) - (torch.cumsum(count, 0) - count).index_select(0, owner)
-        column = begin.index_select(0, owner) + offset
-        flat.index_put_((row_start.index_select(0, owner) + column,), fill.index_select(0, column))
+    if not R:
+        return
+    column = torch.arange(w, device=rows.device)
+    fill = torch.where(column <= (w - 1) // 2, low[:w], high[:w])
+    end = below + n
+    if _numpy_kernels(rows):
+        col, b, e = column.numpy()[None, :], below.numpy()[:, None], end.numpy()[:, None]
+        np.copyto(rows.numpy(), fill.numpy()[None, :], where=(col < b) | (col >= e))
+        return
+    outside = (column < below.unsqueeze(1)) | (column >= end.unsqueeze(1))
+    rows.copy_(torch.where(outside, fill, rows))
 
 
 def _sorted_run_medians(x: Tensor, level: _Level) -> tuple[Tensor, Tensor]:
@@ -582,28 +666,37 @@ class RunHierarchicalSSI(torch.autograd.Function):
                 tg, cg = _sorted_run_medians(G, level)
             else:
                 (tp, cp), (tg, cg) = level.lower_medians([(P_ext, P, slack, p_bounds), (G_ext, G, slack, g_bounds)], [need_p, need_g])
-            n1 = torch.as_tensor(level.n + 1, dtype=pred.dtype, device=pred.device)
-            dp = level.sub(P, tp)
-            dg = level.sub(G, tg)
-            absolute = dp.abs()
-            ip = (level.sums(absolute) / n1 + EPS).reciprocal_()
-            ig = (level.sums(torch.abs(dg, out=absolute)) / n1 + EPS).reciprocal_()
-            diff = level.mul_(dp, ip)
-            diff.sub_(level.mul_(dg, ig))
-            del dg
-            torch.abs(diff, out=absolute)
-            if loss_map is not None:
-                loss_map += absolute
-            else:
-                run_loss = level.sums(absolute).to(torch.float64)
+            n1 = torch.as_tensor(level.n + 1, dtype=torch.float64, device=pred.device)
+            # scales: sum |x - t| per run, piece by piece
+            abs_p = torch.zeros(level.size, dtype=torch.float64, device=pred.device)
+            abs_g = torch.zeros_like(abs_p)
+            for piece in level.pieces:
+                piece.add_to(abs_p, torch.sub(piece.view(P), piece.expand(tp)).abs_())
+                piece.add_to(abs_g, torch.sub(piece.view(G), piece.expand(tg)).abs_())
+            ip = (abs_p.div_(n1).add_(EPS)).reciprocal_().to(pred.dtype)
+            ig = (abs_g.div_(n1).add_(EPS)).reciprocal_().to(pred.dtype)
+            del abs_p, abs_g
+            # |p_hat - g_hat| per member, its sums per run, and its sign for the backward
+            run_loss = torch.zeros(level.size, dtype=torch.float64, device=pred.device) if loss_map is None else None
+            sign = torch.empty(M, dtype=torch.int8, device=pred.device) if need_p or need_g else None
+            for piece in level.pieces:
+                diff = torch.sub(piece.view(P), piece.expand(tp)).mul_(piece.expand(ip))
+                diff.sub_(torch.sub(piece.view(G), piece.expand(tg)).mul_(piece.expand(ig)))
+                if sign is not None:
+                    piece.view(sign).copy_(diff.sign())
+                diff.abs_()
+                if loss_map is not None:
+                    piece.view(loss_map).add_(diff)
+                else:
+                    piece.add_to(run_loss, diff)
+                del diff
+            if run_loss is not None:
                 if per_image is not None:
                     per_image += run_loss.view(layout.batch, -1).sum(1)
                 else:
                     total += run_loss.sum()
-            del absolute
-            if need_p or need_g:
-                saved.append((tp, ip, cp, tg, ig, cg, diff.sign_().to(torch.int8)))
-            del diff
+            if sign is not None:
+                saved.append((tp, ip, cp, tg, ig, cg, sign))
         L, n_valid = layout.num_levels, layout.num_valid
         if reduction == "mean":
             scale: float | Tensor = 1.0 / (L * n_valid) if n_valid else 0.0
@@ -639,16 +732,15 @@ class RunHierarchicalSSI(torch.autograd.Function):
         grad_g = X.new_zeros(M + 1) if need_g else None
         for lvl, (level, (tp, ip, cp, tg, ig, cg, sign)) in enumerate(zip(ctx.levels, ctx.saved)):
             if weight is not None:
-                k = weight
+                k = weight  # (M,) per member
             elif c.dim():  # per image: runs are image-major
-                k = level.expand(c.repeat_interleave(level.size // layout.batch))
+                k = c.repeat_interleave(level.size // layout.batch)  # (S_l,) per run
             else:
                 k = c
-            r = sign.to(X.dtype).mul_(k)  # d loss / d x_hat (x = p; -r for x = g)
             if need_p:
-                _normalization_backward(P, level, r, tp, ip, cp, grad_p)
+                _normalization_backward(P, level, sign, k, weight is not None, 1.0, tp, ip, cp, grad_p)
             if need_g:
-                _normalization_backward(G, level, r.neg_(), tg, ig, cg, grad_g)
+                _normalization_backward(G, level, sign, k, weight is not None, -1.0, tg, ig, cg, grad_g)
         return (
             layout.per_pixel(grad_p[:M]) if need_p else None,
             layout.per_pixel(grad_g[:M]) if need_g else None,
@@ -659,29 +751,65 @@ class RunHierarchicalSSI(torch.autograd.Function):
 
 
 def _normalization_backward(
-    x: Tensor, level: _Level, r: Tensor, t: Tensor, inv: Tensor, position: Tensor, grad: Tensor
+    x: Tensor,
+    level: _Level,
+    sign: Tensor,
+    k: Tensor,
+    per_member: bool,
+    factor: float,
+    t: Tensor,
+    inv: Tensor,
+    position: Tensor,
+    grad: Tensor,
 ) -> None:
-    """Add the gradient of ``sum_i r_i x_hat_i`` w.r.t. ``x`` over one level's runs to ``grad``.
+    """Add the gradient of ``sum_i r_i x_hat_i`` w.r.t. ``x`` over one level's runs to ``grad``,
+    with ``r_i = factor * sign_i * k_i`` (``d loss / d x_hat``).
 
     With ``d = s_x + eps``, ``x_hat_i = (x_i - t) / d`` over a run and
     ``s_x = sum_j |x_j - t| / (n + 1)``:
     ``dL/dx_i = r_i / d + dL/ds_x * sign(x_i - t) / (n + 1)`` directly,
     ``dL/ds_x = -sum_i r_i x_hat_i / d``, and
     ``dL/dt = -sum_i r_i / d - dL/ds_x * sum_i sign(x_i - t) / (n + 1)`` goes to the median
-    member (the derivation is in notebook 04).
+    member (the derivation is in notebook 04). Two passes, piece by piece: the per-run sums,
+    then the per-member gradient.
 
     Args:
         x: ``(M,)`` values in run order.
-        r: ``(M,)`` ``d loss / d x_hat``; ``t``, ``inv``, ``position``: ``(S_l,)`` per-run
-            median, ``1 / d`` and the median member; ``grad``: ``(M + 1,)`` accumulator.
+        sign: ``(M,)`` int8 ``sign(p_hat - g_hat)``.
+        k: ``d loss / d |p_hat - g_hat|``: a 0-d tensor, ``(S_l,)`` per run, or ``(M,)`` per
+            member with ``per_member``.
+        factor: 1 for the prediction, -1 for the target.
+        t, inv, position: ``(S_l,)`` per-run median, ``1 / d`` and the median member.
+        grad: ``(M + 1,)`` accumulator.
     """
-    centered = level.sub(x, t)
-    sum_r = level.sums(r)
-    n1 = torch.as_tensor(level.n + 1, dtype=x.dtype, device=x.device)
-    d_scale_per_n = level.sums(r * centered).mul_(inv).mul_(inv).neg_().div_(n1)
-    sign = centered.sign_()
-    d_shift = (-inv * sum_r - d_scale_per_n * level.sums(sign)) * (level.n_t > 0)
+    kf = k * factor  # d loss / d x_hat is sign * kf
+    kind = "member" if per_member else "run" if k.dim() else "scalar"
+
+    def r_of(piece: _Piece) -> Tensor:
+        r = piece.view(sign).to(x.dtype)
+        if kind == "member":
+            return r.mul_(piece.view(kf))
+        return r.mul_(piece.expand(kf) if kind == "run" else kf)
+
+    dtype, dev = torch.float64, x.device
+    sum_r = torch.zeros(level.size, dtype=dtype, device=dev)
+    sum_rc = torch.zeros_like(sum_r)
+    sum_sign = torch.zeros_like(sum_r)
+    for piece in level.pieces:
+        r = r_of(piece)
+        centered = torch.sub(piece.view(x), piece.expand(t))
+        piece.add_to(sum_r, r)
+        piece.add_to(sum_rc, r.mul_(centered))
+        piece.add_to(sum_sign, centered.sign_())
+    inv64 = inv.to(dtype)
+    n1 = torch.as_tensor(level.n + 1, dtype=dtype, device=dev)
+    d_scale_per_n = sum_rc.mul_(inv64).mul_(inv64).neg_().div_(n1)  # dL/ds_x / (n + 1)
+    d_shift = (-inv64 * sum_r - d_scale_per_n * sum_sign) * (level.n_t > 0)
+    d_scale_per_n = d_scale_per_n.to(x.dtype)
     members = grad[:-1]
-    level.addcmul_(members, sign, d_scale_per_n)
-    level.addcmul_(members, r, inv)
-    grad.index_add_(0, position, d_shift)
+    for piece in level.pieces:
+        r = r_of(piece)
+        out = piece.view(members)
+        out.addcmul_(torch.sub(piece.view(x), piece.expand(t)).sign_(), piece.expand(d_scale_per_n))
+        out.addcmul_(r, piece.expand(inv))
+    grad.index_add_(0, position, d_shift.to(x.dtype))
