@@ -11,20 +11,25 @@ order, and the loss is a sequence of flat passes over the ``M`` members per leve
 * per-context statistics are segment sums of runs (:func:`segment_sums`, accumulated in
   float64, so that long runs sum as accurately as a pairwise sum);
 * per-context values reach their members by one gather of a segment id;
-* medians are a segmented selection (:func:`run_lower_medians`): the runs of a level are
+* medians are a segmented selection (:meth:`_Level.lower_medians`): the runs of a level are
   grouped by length into classes of width ``2**k`` (a run of ``n`` members goes to the
   class ``2**(k-1) < n <= 2**k``), each class is gathered into a ``(rows, 2**k)`` matrix
   whose other entries are distinct values below and above every member, arranged so that
   the lower median of every row sits at its middle column, and one row selection per class
   finds them all. Padding is below ``2x`` whatever the depth distribution or the sparsity
   of the ground truth, and the loop runs over length classes (at most ``log2`` of the
-  longest run), never over contexts.
+  longest run), never over contexts;
+* on CPU, a level's per-member passes run piece by piece (:data:`_PIECE` members), so that
+  their temporaries are piece-sized; other devices take a level in one piece.
 
-The same code runs on every device but for one kernel: on CPU the row selections run
-in NumPy's introselect (:func:`numpy.partition`, an order of magnitude faster than
-:func:`torch.kthvalue` there) in two threads; elsewhere in :func:`torch.kthvalue`.
-``_NUMPY = False`` makes the CPU run torch's kernel (the tests and the benchmark use it to
-exercise and time CUDA's path).
+The same code runs on every device but for its kernels. On CPU the row selections run in
+NumPy's introselect (:func:`numpy.partition`, seven times faster than :func:`torch.kthvalue`
+there) in two threads, in place, so the median's first member is found by a comparison
+pass over the members; the padding is a masked :func:`numpy.copyto` and per-run values
+reach members by :func:`numpy.repeat`. Elsewhere the selections are :func:`torch.kthvalue`,
+which leaves its rows unchanged: the median's first member is read off them. ``_NUMPY = False`` makes the
+CPU run torch's kernels (the tests and the benchmark use it to exercise and time CUDA's
+path).
 
 :class:`RunHierarchicalSSI` is the loss, with an analytic backward (the derivation of
 :func:`hdn._core.segments._normalization_backward`). Between forward and backward it keeps
@@ -372,13 +377,13 @@ class _Piece:
 
 
 class _Level:
-    """One level's runs and the per-run operations on members in run order.
+    """One level's runs, their length classes for the selections, and their pieces.
 
-    Where every run of the level has the same length ``w`` (a fully valid image cut into
-    equal cells), the members are a ``(S_l, w)`` view and every per-run operation is a row
-    operation. Otherwise a per-run value reaches the members by :func:`numpy.repeat` on CPU
-    (a memset per run) or by a gather of the members' run ids elsewhere, and runs sum by
-    :func:`segment_sums`."""
+    Per-member passes run over :class:`_Piece` s. Where every run of the level has the same
+    length ``w`` (a fully valid image cut into equal cells), a piece is a ``(rows, w)`` view
+    and every per-run operation a row operation. Otherwise a per-run value reaches the
+    members by :func:`numpy.repeat` on CPU (a memset per run) or by a gather of the members'
+    run ids elsewhere, and runs sum by :func:`segment_sums`."""
 
     def __init__(self, layout: RunLayout, level: int):
         n = layout.level_lengths(level)
@@ -391,7 +396,6 @@ class _Level:
         self.starts_t = torch.as_tensor(self.starts, device=dev)
         self.num_members = layout.num_members
         self.width = int(n[0]) if n.size and n[0] > 0 and bool((n == n[0]).all()) else 0
-        self.bounds = None if self.width else _Bounds(n, dev)
         self._layout, self._level = layout, level
         self._seg: Tensor | None = None
         self.pieces = self._make_pieces(_PIECE if dev.type == "cpu" else max(self.num_members, 1))
@@ -445,55 +449,12 @@ class _Level:
         """``(M,)`` -> ``(S_l, w)`` view (equal run lengths only)."""
         return x.view(self.size, self.width)
 
-    def expand(self, v: Tensor) -> Tensor:
-        """``(S_l,)`` -> ``(M,)``, each member its run's value."""
-        if self.width:
-            return v.repeat_interleave(self.width)
-        if _numpy_kernels(v):
-            return torch.from_numpy(np.repeat(v.numpy(), self.n))
-        return v.index_select(0, self.seg)
-
-    def sub(self, x: Tensor, t: Tensor) -> Tensor:
-        """``x - t`` of each member's run, a new ``(M,)`` tensor."""
-        if self.width:
-            return (self.rows(x) - t.unsqueeze(1)).view(-1)
-        return x - self.expand(t)
-
-    def mul_(self, x: Tensor, v: Tensor) -> Tensor:
-        """``x *= v`` of each member's run, in place."""
-        if self.width:
-            self.rows(x).mul_(v.unsqueeze(1))
-        else:
-            x.mul_(self.expand(v))
-        return x
-
-    def addcmul_(self, out: Tensor, a: Tensor, v: Tensor) -> None:
-        """``out += a * v`` of each member's run, in place."""
-        if self.width:
-            self.rows(out).addcmul_(self.rows(a), v.unsqueeze(1))
-        else:
-            out.addcmul_(a, self.expand(v))
-
-    def sums(self, x: Tensor) -> Tensor:
-        """``(S_l,)`` sums over the runs of ``x`` (``(M,)``)."""
-        if self.width:
-            return self.rows(x).sum(1)
-        return segment_sums(x, self.bounds)
-
     def first_position(self, x: Tensor, value: Tensor) -> Tensor:
         """``(S_l,)`` the run-order position of the first member of every run equal to its
-        ``value`` (which is a member's value), ``M`` for an empty run."""
-        M = self.num_members
-        if _numpy_kernels(x):
-            hits = np.flatnonzero(x.numpy() == np.repeat(value.numpy(), self.n))
-            first = hits[np.minimum(np.searchsorted(hits, self.starts), max(hits.size - 1, 0))] if hits.size else self.starts
-            return torch.from_numpy(np.where(self.n > 0, first, M).astype(np.int64))
-        place = torch.arange(M, device=x.device)
-        candidate = torch.where(x == self.expand(value), place, M)
-        if self.width:
-            return candidate.view(self.size, self.width).amin(1)
-        first = torch.full((self.size,), M, dtype=torch.int64, device=x.device)
-        return first.scatter_reduce_(0, self.seg.long(), candidate, "amin")
+        ``value`` (which is a member's value), ``M`` for an empty run (NumPy, CPU)."""
+        hits = np.flatnonzero(x.numpy() == np.repeat(value.numpy(), self.n))
+        first = hits[np.minimum(np.searchsorted(hits, self.starts), max(hits.size - 1, 0))] if hits.size else self.starts
+        return torch.from_numpy(np.where(self.n > 0, first, self.num_members).astype(np.int64))
 
     def lower_medians(
         self, values: list[tuple[Tensor, Tensor, int, tuple[Tensor, Tensor] | None]], want_position: list[bool]
