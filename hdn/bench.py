@@ -15,7 +15,8 @@ NumPy's introselect and repeats; timed here on the CPU) against the CPU's NumPy 
 * ``loguniform``: depth drawn log-uniformly in 1-100 m (skewed equal-width bins);
 * ``sky``: a road-like scene whose upper 40 % is sky (invalid).
 
-``--scaling`` adds time against pixel count (128^2 to 1024^2), levels (1-6) and batch size,
+After the scene tables, a goals table says, per scene, whether each of :data:`GOALS` is
+met; ``--runs N`` repeats tables and goals ``N`` times. ``--scaling`` adds time against pixel count (128^2 to 1024^2), levels (1-6) and batch size,
 as ms per million pixel-levels (constant when the cost is linear in pixels x levels), and
 ``--counts`` the host synchronisations (``aten::_local_scalar_dense``, ``aten::item``) and
 ATen operations per call of the torch path, by levels. It then checks what the released code
@@ -304,6 +305,65 @@ def _table(cfg: argparse.Namespace) -> dict:
     return results
 
 
+GOALS = (
+    ("ssi_loss >= 1.5x the nanmedian version", lambda r: r["ssi"]["over_nanmedian"], ">=", 1.5),
+    ("DR >= 10x the reference", lambda r: r["dr"]["speedup"], ">=", 10.0),
+    ("DP >= 20x the reference", lambda r: r["dp"]["speedup"], ">=", 20.0),
+    ("DS >= 50x the reference", lambda r: r["ds"]["speedup"], ">=", 50.0),
+    ("every HDN loss <= 4x ssi_loss", lambda r: max(r[c]["x_ssi"] for c in ("dr", "dp", "ds")), "<=", 4.0),
+    ("memory >= 5x below the reference", lambda r: min(r[c]["mem_ratio"] for c in ("dr", "dp", "ds")), ">=", 5.0),
+    ("memory <= 3x ssi_loss's", lambda r: max(r[c]["mem_x_ssi"] for c in ("dr", "dp", "ds")), "<=", 3.0),
+    ("torch (CUDA) kernels <= 1.5x the CPU's", lambda r: _worst([r[c]["torch_over_cpu"] for c in CASES]), "<=", 1.5),
+)
+"""The speed and memory goals, per scene: (name, the figure from a scene's table, the
+comparison, the bound). The last is timed on CPU only (n/a on CUDA)."""
+
+
+def _worst(values: list[float]) -> float:
+    """The largest of ``values``, NaN if any is NaN (a figure not measured here)."""
+    return float("nan") if any(math.isnan(v) for v in values) else max(values)
+
+
+def goal_rows(results: dict[str, dict]) -> list[tuple[str, list[tuple[float, bool | None]]]]:
+    """Each goal's figure and whether it is met (None where the figure is not measured),
+    per scene of ``results`` ({scene: the results of :func:`_table`}), in :data:`GOALS`'
+    order.
+
+    Examples:
+        >>> row = {"speedup": 30.0, "x_ssi": 2.0, "mem_ratio": 8.0, "mem_x_ssi": 1.2, "torch_over_cpu": 1.2}
+        >>> results = {"ramp": {c: dict(row) for c in CASES}}
+        >>> results["ramp"]["ssi"]["over_nanmedian"] = 1.7
+        >>> [(name.split()[0], met[0][1]) for name, met in goal_rows(results)][:4]
+        [('ssi_loss', True), ('DR', True), ('DP', True), ('DS', False)]
+    """
+    rows = []
+    for name, figure, op, bound in GOALS:
+        cells = []
+        for scene_results in results.values():
+            value = float(figure(scene_results))
+            met = None if math.isnan(value) else value >= bound if op == ">=" else value <= bound
+            cells.append((value, met))
+        rows.append((name, cells))
+    return rows
+
+
+def _print_goals(results: dict[str, dict], title: str) -> tuple[int, int]:
+    """Print the goals table of one run; return how many goals are met on every scene, and
+    how many were measured."""
+    scenes = list(results)
+    print(f"\n== {title}: goals per scene (figure, + met / - not met) ==")
+    print(f"{'goal':<40}" + "".join(f" {s:>12}" for s in scenes))
+    met_everywhere = measured = 0
+    for name, cells in goal_rows(results):
+        print(f"{name:<40}" + "".join(
+            f" {'n/a':>12}" if ok is None else f" {v:>10.2f} {'+' if ok else '-'}" for v, ok in cells))
+        if all(ok is not None for _, ok in cells):
+            measured += 1
+            met_everywhere += all(ok for _, ok in cells)
+    print(f"goals met on every scene: {met_everywhere} of {measured}")
+    return met_everywhere, measured
+
+
 def _scaling_worker(args: argparse.Namespace, step) -> None:
     """Times of the hdn losses against pixels, levels and batch, as JSON rows."""
     rows = []
@@ -437,6 +497,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scene", default="ramp", help=argparse.SUPPRESS)
     parser.add_argument("--scenes", nargs="+", default=list(SCENES), choices=SCENES,
                         help="scenes to time (default: all)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat the scene tables and the goals table this many times")
     parser.add_argument("--scaling", action="store_true",
                         help="also time against pixels, levels and batch size")
     parser.add_argument("--scaling-sizes", nargs="+", type=int, default=[128, 256, 512, 1024],
@@ -454,9 +516,18 @@ def main(argv: list[str] | None = None) -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         args.device = device
-        for scene in args.scenes:
-            args.scene = scene
-            _table(args)
+        met = []
+        for run in range(args.runs):
+            if args.runs > 1:
+                print(f"\n#### {device}, run {run + 1} of {args.runs}")
+            results = {}
+            for scene in args.scenes:
+                args.scene = scene
+                results[scene] = _table(args)
+            met.append(_print_goals(results, f"{device}, run {run + 1} of {args.runs}"))
+        if args.runs > 1:
+            print(f"\n{device}: goals met on every scene, per run: "
+                  + ", ".join(f"{k} of {n}" for k, n in met))
         if args.scaling:
             args.scene = "loguniform"
             _scaling(args)

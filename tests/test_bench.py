@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from hdn.bench import SCENES, nanmedian_ssi_loss, scene_target
+from hdn.bench import GOALS, SCENES, goal_rows, nanmedian_ssi_loss, scene_target
 
 
 def _tables(out: str) -> dict[str, dict[str, list[str]]]:
@@ -43,7 +43,7 @@ def test_benchmark_prints_time_memory_and_ratios_for_every_loss_and_scene():
     cmd = [
         sys.executable, "-m", "hdn.bench", "--batch", "1", "--size", "32", "--levels", "3",
         "--rounds", "1", "--repeats", "1", "--threads", "1", "--skip-large",
-        "--scenes", "ramp", "lidar",
+        "--scenes", "ramp", "lidar", "--runs", "2",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
     tables = _tables(out)
@@ -59,8 +59,27 @@ def test_benchmark_prints_time_memory_and_ratios_for_every_loss_and_scene():
             assert hdn_mib < 0.1 or _consistent(mem_ratio, 0.05, ref_mib, hdn_mib, 0.05)
             assert torch_ms > 0 and _consistent(ratio, 0.005, torch_ms, hdn_ms, 0.005)
         assert rows["ssi"][6] == "1.00"  # ssi_loss against itself
-    assert out.count("against the torch.nanmedian version") == 2
+    assert out.count("against the torch.nanmedian version") == 4  # two scenes, two runs
     assert "interleaved rounds" in out
+    # a goals table per run: every goal, one figure and verdict per scene
+    assert out.count("goals per scene") == 2
+    lines = out.splitlines()
+    for name, _, _, _ in GOALS:
+        rows = [line[len(name):].split() for line in lines if line.startswith(name)]
+        assert len(rows) == 2 and all(len(r) == 4 and r[1] in "+-" and r[3] in "+-" for r in rows)
+    assert "cpu: goals met on every scene, per run: " in out
+
+
+def test_goal_rows_apply_each_bound_per_scene():
+    row = {"speedup": 60.0, "x_ssi": 3.9, "mem_ratio": 5.0, "mem_x_ssi": 3.0, "torch_over_cpu": 1.5}
+    results = {scene: {c: dict(row) for c in ("ssi", "dr", "dp", "ds")} for scene in ("a", "b")}
+    results["a"]["ssi"]["over_nanmedian"] = results["b"]["ssi"]["over_nanmedian"] = 1.5
+    results["b"]["dr"]["x_ssi"] = 4.01  # one loss over 4x ssi_loss fails that goal on b only
+    results["b"]["ds"]["torch_over_cpu"] = float("nan")  # not measured (CUDA)
+    got = dict(goal_rows(results))
+    assert all(ok for name, cells in got.items() for ok in [cells[0][1]])  # bounds are inclusive
+    assert got["every HDN loss <= 4x ssi_loss"] == [(3.9, True), (4.01, False)]
+    assert got["torch (CUDA) kernels <= 1.5x the CPU's"][1][1] is None
 
 
 def test_benchmark_scaling_and_counts_tables():
