@@ -394,6 +394,7 @@ class _Level:
         dev = layout.order.device
         self.device = dev
         self.n_t = torch.as_tensor(n, device=dev)
+        self.n1 = torch.as_tensor(n + 1, dtype=torch.float64, device=dev)  # the scales' n + 1
         self.starts_t = torch.as_tensor(self.starts, device=dev)
         self.num_members = layout.num_members
         self.width = int(n[0]) if n.size and n[0] > 0 and bool((n == n[0]).all()) else 0
@@ -628,15 +629,14 @@ class RunHierarchicalSSI(torch.autograd.Function):
                 tg, cg = _sorted_run_medians(G, level)
             else:
                 (tp, cp), (tg, cg) = level.lower_medians([(P_ext, P, slack, p_bounds), (G_ext, G, slack, g_bounds)], [need_p, need_g])
-            n1 = torch.as_tensor(level.n + 1, dtype=torch.float64, device=pred.device)
             # scales: sum |x - t| per run, piece by piece
             abs_p = torch.zeros(level.size, dtype=torch.float64, device=pred.device)
             abs_g = torch.zeros_like(abs_p)
             for piece in level.pieces:
                 piece.add_to(abs_p, torch.sub(piece.view(P), piece.expand(tp)).abs_())
                 piece.add_to(abs_g, torch.sub(piece.view(G), piece.expand(tg)).abs_())
-            ip = (abs_p.div_(n1).add_(EPS)).reciprocal_().to(pred.dtype)
-            ig = (abs_g.div_(n1).add_(EPS)).reciprocal_().to(pred.dtype)
+            ip = (abs_p.div_(level.n1).add_(EPS)).reciprocal_().to(pred.dtype)
+            ig = (abs_g.div_(level.n1).add_(EPS)).reciprocal_().to(pred.dtype)
             del abs_p, abs_g
             # |p_hat - g_hat| per member, its sums per run, and its sign for the backward
             run_loss = torch.zeros(level.size, dtype=torch.float64, device=pred.device) if loss_map is None else None
@@ -764,8 +764,7 @@ def _normalization_backward(
         piece.add_to(sum_rc, r.mul_(centered))
         piece.add_to(sum_sign, centered.sign_())
     inv64 = inv.to(dtype)
-    n1 = torch.as_tensor(level.n + 1, dtype=dtype, device=dev)
-    d_scale_per_n = sum_rc.mul_(inv64).mul_(inv64).neg_().div_(n1)  # dL/ds_x / (n + 1)
+    d_scale_per_n = sum_rc.mul_(inv64).mul_(inv64).neg_().div_(level.n1)  # dL/ds_x / (n + 1)
     d_shift = (-inv64 * sum_r - d_scale_per_n * sum_sign) * (level.n_t > 0)
     d_scale_per_n = d_scale_per_n.to(x.dtype)
     members = grad[:-1]
