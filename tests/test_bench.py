@@ -113,3 +113,24 @@ def test_nanmedian_ssi_matches_hdn_on_sparse_targets():
     g = scene_target("lidar", 3, 40)
     p = torch.rand(g.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.allclose(nanmedian_ssi_loss(p, g.double()), hdn.ssi_loss(p, g.double()), atol=1e-9)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux's")
+def test_peak_memory_is_reset_before_the_measured_call():
+    # The lifetime peak counts what came before the call (and, in a worker, the parent's
+    # resident set at the fork): after the reset, a freed 64 MiB block is no longer in it.
+    import numpy as np
+
+    from hdn.bench import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
+
+    base = _rss_bytes()
+    block = np.ones(2**24, dtype=np.float32)  # 64 MiB, touched
+    del block
+    assert _peak_rss_bytes() - base >= 48 * 2**20
+    if not _reset_peak_rss():
+        pytest.skip("this kernel does not reset VmHWM")
+    base = _rss_bytes()
+    assert _peak_rss_bytes() - base < 16 * 2**20
+    block = np.ones(2**23, dtype=np.float32)  # 32 MiB
+    del block
+    assert _peak_rss_bytes() - base >= 24 * 2**20
