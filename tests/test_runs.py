@@ -88,6 +88,36 @@ def test_interval_layout_runs_are_the_bins_at_every_level_in_depth_order(name, s
         assert bool((laid[a + 1 : a + k] >= laid[a : a + k - 1]).all())
 
 
+@pytest.mark.parametrize("case", ["tiling", "one-range", "gaps", "empty-bins"])
+def test_sorted_layout_takes_exactly_the_places_of_its_bins(case):
+    # from_sorted has three ways to find the members: bins that tile every image's places,
+    # consecutive bins (one range of places per image), and bins with gaps between them
+    gen = torch.Generator().manual_seed(7)
+    B, P, K = 3, 40, 4
+    order = torch.stack([torch.randperm(P, generator=gen) for _ in range(B)]).to(torch.int32)
+    values = torch.sort(torch.rand(B, P, generator=gen, dtype=torch.float64), dim=1).values
+    bounds = {
+        "tiling": [[0, 10, 20, 30, 40]] * B,
+        "one-range": [[0, 7, 9, 30, 37], [3, 3, 20, 21, 40], [0, 10, 20, 30, 40]],
+        "gaps": [[0, 7, 9, 30, 37], [3, 3, 20, 21, 40], [0, 10, 20, 30, 40]],
+        "empty-bins": [[5, 5, 5, 5, 5], [0, 0, 0, 0, 40], [0, 10, 20, 30, 40]],
+    }[case]
+    start = torch.tensor([b[:-1] for b in bounds])
+    end = torch.tensor([b[1:] for b in bounds])
+    if case == "gaps":
+        end[0, 1] -= 1  # a gap after bin 1 of image 0, and one after bin 0 of image 1
+        end[1, 0] -= 2
+        start[1, 0] -= 2
+    length = end - start
+    layout = runs.RunLayout.from_sorted(order, start, length, levels=3, values=values)
+    want = [int(b * P + order[b, p]) for b in range(B) for k in range(K) for p in range(start[b, k], end[b, k])]
+    assert layout.order.tolist() == want
+    laid = [float(values[b, p]) for b in range(B) for k in range(K) for p in range(start[b, k], end[b, k])]
+    assert layout.laid_target.tolist() == laid
+    assert layout.host_lengths.tolist() == length.reshape(-1).tolist()
+    assert layout.num_members == len(want)
+
+
 @pytest.mark.parametrize("case", ["random", "empty-runs", "short", "one-run", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_segment_sums_equal_float64_sums_of_every_run(case, dtype):

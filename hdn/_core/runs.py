@@ -90,6 +90,7 @@ class RunLayout:
             the target (DR/DP bins with the contexts' own target): then the target's median
             of a run of ``n`` is its member ``(n - 1) // 2``, with no selection.
         pixel_order: True if ``order`` ascends (the whole image's valid pixels row-major).
+        host_lengths: ``lengths`` on the host, if the caller already has them.
 
     Members are valid pixels: the target is finite at every one of them. Where every pixel
     is a member in pixel order (SSI on fully valid images), the layout is the *identity*:
@@ -107,10 +108,12 @@ class RunLayout:
         laid_target: Tensor | None = None,
         target_sorted: bool = False,
         pixel_order: bool = False,
+        host_lengths: np.ndarray | None = None,
     ):
         self.order = order
         self.lengths = lengths.to(torch.int64)
-        self.host_lengths = self.lengths.cpu().numpy()  # (the layout's one host sync)
+        # (the layout's one host sync, unless the caller made it)
+        self.host_lengths = self.lengths.cpu().numpy() if host_lengths is None else host_lengths.astype(np.int64)
         self.groups = list(groups)
         self.num_pixels = num_pixels
         self.batch = batch
@@ -222,23 +225,42 @@ class RunLayout:
         B, P = order.shape
         K = length.shape[1]
         dev = order.device
-        # places inside a run: +1 at each start, -1 at each end, a running sum
-        delta = torch.zeros(B, P + 1, dtype=torch.int32, device=dev)
-        delta.scatter_add_(1, start, torch.ones_like(start, dtype=torch.int32))
-        delta.scatter_add_(1, start + length, torch.full_like(start, -1, dtype=torch.int32))
-        inside = torch.cumsum(delta[:, :P], dim=1, dtype=torch.int32) > 0
+        host_start, host_length = torch.stack([start, length.to(start.dtype)]).cpu().numpy()  # (one host sync)
+        host_end = host_start + host_length
         dtype = torch.int32 if B * P < 2**31 else torch.int64
         pixel = order.to(dtype) + (torch.arange(B, device=dev, dtype=dtype) * P).unsqueeze(1)
-        flat = _compress(pixel.view(-1), inside.view(-1))
-        laid = None if values is None else _compress(values.reshape(-1), inside.view(-1))
+        first, last = host_start[:, :1], host_end[:, -1:]
+        if not (host_start[:, 1:] == host_end[:, :-1]).all():
+            # places inside a run: +1 at each start, -1 at each end, a running sum
+            delta = torch.zeros(B, P + 1, dtype=torch.int32, device=dev)
+            delta.scatter_add_(1, start, torch.ones_like(start, dtype=torch.int32))
+            delta.scatter_add_(1, start + length, torch.full_like(start, -1, dtype=torch.int32))
+            inside = torch.cumsum(delta[:, :P], dim=1, dtype=torch.int32) > 0
+        elif (first == 0).all() and (last == P).all():
+            inside = None  # the runs tile every image's places: every pixel is a member
+        else:  # (consecutive runs: one range of places per image)
+            place = torch.arange(P, device=dev, dtype=torch.int32)
+            lo, hi = (torch.as_tensor(v, device=dev, dtype=torch.int32) for v in (first, last))
+            inside = (place >= lo) & (place < hi)
+        if inside is None:
+            flat, laid = pixel.view(-1), None if values is None else values.reshape(-1)
+        else:
+            flat = _compress(pixel.view(-1), inside.view(-1), ranges=True)
+            laid = None if values is None else _compress(values.reshape(-1), inside.view(-1), ranges=True)
         groups = [2 ** (levels - 1 - lvl) for lvl in range(levels)]
-        return cls(flat, length.reshape(B * K), groups, B * P, B, num_valid, laid, values is not None)
+        return cls(
+            flat, length.reshape(B * K), groups, B * P, B, num_valid, laid, values is not None,
+            host_lengths=host_length.reshape(B * K),
+        )
 
 
-def _compress(x: Tensor, keep: Tensor) -> Tensor:
-    """``x[keep]`` for flat ``x`` and bool ``keep`` (NumPy on CPU: three times faster)."""
+def _compress(x: Tensor, keep: Tensor, ranges: bool = False) -> Tensor:
+    """``x[keep]`` for flat ``x`` and bool ``keep``. On CPU in NumPy (:func:`numpy.compress`
+    is three times faster than :meth:`torch.Tensor.masked_select`), or, with ``ranges``
+    (``keep`` is a few long ranges of True), by NumPy's boolean indexing, which copies
+    whole ranges: twice as fast again there, but several times slower on scattered masks."""
     if x.device.type == "cpu":
-        return torch.from_numpy(np.compress(keep.numpy(), x.numpy()))
+        return torch.from_numpy(x.numpy()[keep.numpy()] if ranges else np.compress(keep.numpy(), x.numpy()))
     return x.masked_select(keep)
 
 
@@ -564,8 +586,14 @@ def _fill_padding(rows: Tensor, below: Tensor, n: Tensor, low: Tensor, high: Ten
     fill = torch.where(column <= (w - 1) // 2, low[:w], high[:w])
     end = below + n
     if _numpy_kernels(rows):
-        col, b, e = column.numpy()[None, :], below.numpy()[:, None], end.numpy()[:, None]
-        np.copyto(rows.numpy(), fill.numpy()[None, :], where=(col < b) | (col >= e))
+        # only the columns where some row has padding: [0, max below) and [min end, w)
+        a, col, f = rows.numpy(), column.numpy(), fill.numpy()
+        b, e = below.numpy(), end.numpy()
+        left, right = int(b.max()), int(e.min())
+        if left:
+            np.copyto(a[:, :left], f[:left], where=col[:left] < b[:, None])
+        if right < w:
+            np.copyto(a[:, right:], f[right:], where=col[right:] >= e[:, None])
         return
     outside = (column < below.unsqueeze(1)) | (column >= end.unsqueeze(1))
     rows.copy_(torch.where(outside, fill, rows))
