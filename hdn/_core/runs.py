@@ -166,12 +166,13 @@ class RunLayout:
         """SSI: one context per image, its valid pixels row-major. ``valid``: ``(B, H, W)``."""
         B = valid.shape[0]
         flat = valid.reshape(B, -1)
-        lengths = torch.count_nonzero(flat, dim=1)
         if valid.device.type == "cpu":  # (NumPy: three times faster than a compress of arange)
-            order = torch.from_numpy(np.flatnonzero(flat.numpy()))
-        else:
-            order = torch.nonzero(flat.reshape(-1)).squeeze(1)
-        return cls(order, lengths, [1], valid.numel(), B, pixel_order=True)
+            order = np.flatnonzero(flat.numpy())
+            # members per image: where each image's pixels begin in the ascending order
+            host = np.diff(np.searchsorted(order, np.arange(B + 1) * flat.shape[1]))
+            return cls(torch.from_numpy(order), torch.from_numpy(host), [1], valid.numel(), B, pixel_order=True, host_lengths=host)
+        order = torch.nonzero(flat.reshape(-1)).squeeze(1)
+        return cls(order, torch.count_nonzero(flat, dim=1), [1], valid.numel(), B, pixel_order=True)
 
     @classmethod
     def grid(cls, valid: Tensor, levels: int) -> RunLayout:
