@@ -44,10 +44,11 @@ def _reference_sets(masks: list[torch.Tensor], first: int, count: int) -> list[s
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("levels", [1, 2, 3, 4])
-def test_grid_layout_runs_are_the_spec_cells_at_every_level_in_row_major_order(shape, levels):
+@pytest.mark.parametrize("holes", [True, False], ids=["holes", "fully-valid"])
+def test_grid_layout_runs_are_the_spec_cells_at_every_level_in_row_major_order(shape, levels, holes):
     if 2 ** (levels - 1) > min(shape[1:]):
         pytest.skip("grid finer than the image")
-    valid = torch.rand(shape, generator=torch.Generator().manual_seed(1)) > 0.2
+    valid = torch.rand(shape, generator=torch.Generator().manual_seed(1)) > (0.2 if holes else -1.0)
     layout = runs.RunLayout.grid(valid, levels)
     masks = [m & valid for m in ref.ds_contexts(shape, levels)]
     first = 0

@@ -193,13 +193,15 @@ class RunLayout:
             valid_at = valid.reshape(B, HW).index_select(1, place)  # (B, HW) validity by place
         dtype = torch.int32 if valid.numel() < 2**31 else torch.int64
         pixel = place.to(dtype).unsqueeze(0) + (torch.arange(B, device=dev, dtype=dtype) * HW).unsqueeze(1)
-        order = _compress(pixel.view(-1), valid_at.view(-1))
         # members per finest cell: the running count of valid places at each cell's end
         running = torch.cumsum(valid_at, dim=1, dtype=torch.int32)
         ends = running.index_select(1, cell_ends.to(dev))
         lengths = torch.diff(ends, dim=1, prepend=ends.new_zeros(B, 1)).reshape(-1)
+        host = lengths.cpu().numpy()  # (the layout's one host sync)
+        # a fully valid batch: every place is a member
+        order = pixel.view(-1) if int(host.sum()) == B * HW else _compress(pixel.view(-1), valid_at.view(-1))
         groups = [4 ** (levels - 1 - lvl) for lvl in range(levels)]
-        return cls(order, lengths, groups, valid.numel(), B)
+        return cls(order, lengths, groups, valid.numel(), B, host_lengths=host)
 
     @classmethod
     def from_sorted(
