@@ -763,8 +763,8 @@ def _normalization_backward(
     ``dL/dx_i = r_i / d + dL/ds_x * sign(x_i - t) / (n + 1)`` directly,
     ``dL/ds_x = -sum_i r_i x_hat_i / d``, and
     ``dL/dt = -sum_i r_i / d - dL/ds_x * sum_i sign(x_i - t) / (n + 1)`` goes to the median
-    member (the derivation is in notebook 04). Two passes, piece by piece: the per-run sums,
-    then the per-member gradient.
+    member (the derivation is in notebook 04). Two passes, piece by piece: the per-run sums
+    (keeping ``sign(x_i - t)`` as int8), then the per-member gradient.
 
     Args:
         x: ``(M,)`` values in run order.
@@ -788,12 +788,15 @@ def _normalization_backward(
     sum_r = torch.zeros(level.size, dtype=dtype, device=dev)
     sum_rc = torch.zeros_like(sum_r)
     sum_sign = torch.zeros_like(sum_r)
+    side = torch.empty(x.numel(), dtype=torch.int8, device=dev)  # sign(x_i - t), for the second pass
     for piece in level.pieces:
         r = r_of(piece)
         centered = torch.sub(piece.view(x), piece.expand(t))
         piece.add_to(sum_r, r)
         piece.add_to(sum_rc, r.mul_(centered))
-        piece.add_to(sum_sign, centered.sign_())
+        centered.sign_()
+        piece.view(side).copy_(centered)
+        piece.add_to(sum_sign, centered)
     inv64 = inv.to(dtype)
     d_scale_per_n = sum_rc.mul_(inv64).mul_(inv64).neg_().div_(level.n1)  # dL/ds_x / (n + 1)
     d_shift = (-inv64 * sum_r - d_scale_per_n * sum_sign) * (level.n_t > 0)
@@ -802,6 +805,6 @@ def _normalization_backward(
     for piece in level.pieces:
         r = r_of(piece)
         out = piece.view(members)
-        out.addcmul_(torch.sub(piece.view(x), piece.expand(t)).sign_(), piece.expand(d_scale_per_n))
+        out.addcmul_(piece.view(side).to(x.dtype), piece.expand(d_scale_per_n))
         out.addcmul_(r, piece.expand(inv))
     grad.index_add_(0, position, d_shift.to(x.dtype))
