@@ -31,8 +31,8 @@ meaningful. Each round re-warms an implementation (two untimed calls) before tim
 table gives medians over ``--rounds`` rounds. Peak memory: one fresh subprocess per
 implementation and loss, so that the peak is its own: on CPU the peak resident set size
 (``VmHWM``, reset just before the call) above the baseline taken after the inputs were
-built and one 16x16 call had paged in the code; on CUDA ``torch.cuda.max_memory_allocated`` above the inputs. Use ``--quick``
-for a smaller configuration.
+built and one 16x16 call had paged in the code; on CUDA ``torch.cuda.max_memory_allocated``
+above the inputs. Use ``--quick`` for a smaller configuration.
 """
 
 from __future__ import annotations
@@ -233,12 +233,11 @@ def _worker(args: argparse.Namespace) -> None:
             fn(small[0].requires_grad_(True), small[1]).backward()
             del small
             base = _rss_bytes()
-            if _reset_peak_rss():
-                step(fn)
-                peak = _peak_rss_bytes() - base
-            else:  # (the lifetime peak: an upper bound, see _reset_peak_rss)
-                step(fn)
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+            reset = _reset_peak_rss()
+            step(fn)
+            # (without the reset, the lifetime peak: an upper bound, see _reset_peak_rss)
+            top = _peak_rss_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            peak = top - base
         print(json.dumps({"peak": max(peak, 0)}))
         return
     if args.what == "scaling":
