@@ -151,7 +151,8 @@ class IntervalContexts(Contexts):
         lower: per level ``l``, ``(B, 2**l)`` lower bin edges (non-decreasing along bins).
         upper: per level ``l``, ``(B, 2**l)`` upper bin edges (non-decreasing along bins).
         sorted_rows: ``sorted_valid_values(target, valid)`` (values, counts and order) if
-            already known.
+            already known; the order's places past each image's valid count need not be
+            filled (``invalid_tail=False``).
 
     The levels must nest: the edges of level ``l`` are every ``2**(L-1-l)``-th edge of the
     finest level (true for DR and DP, whose edges are the same float computations at the
@@ -192,7 +193,9 @@ class IntervalContexts(Contexts):
             ):
                 raise ValueError(f"Invalid lower/upper: level {lvl} does not nest in the finest level.")
         self._target = target
-        rows, count, order = sorted_valid_values(target, valid) if sorted_rows is None else sorted_rows
+        if sorted_rows is None:
+            sorted_rows = sorted_valid_values(target, valid, invalid_tail=False)
+        rows, count, order = sorted_rows
         # finest bins as runs [start, end) of each image's sorted depths, (B, K)
         valid_end = count.unsqueeze(1)
         self._start = torch.minimum(torch.searchsorted(rows, lower[-1].contiguous()), valid_end)
@@ -202,6 +205,7 @@ class IntervalContexts(Contexts):
         self.overlapping = bool((self._start[:, 1:] < self._end[:, :-1]).any())
         self._target_version = target._version
         self._sorted_order = order  # (B, H*W) int32, pixel within its image
+        self._tail_complete = False  # invalid pixels' places: filled when target_order is made
         self._sorted_values = rows
         self._order: Tensor | None = None
         self._pixel_bins: tuple[Tensor, Tensor | None] | None = None
@@ -209,6 +213,9 @@ class IntervalContexts(Contexts):
     @property
     def target_order(self) -> Tensor:
         if self._order is None:
+            if not self._tail_complete:
+                complete_invalid_tail(self._sorted_order, self._count, self.valid)
+                self._tail_complete = True
             B, P = self._sorted_order.shape
             if B * P < 2**31:
                 offset = torch.arange(B, device=self._sorted_order.device, dtype=torch.int32) * P
@@ -265,15 +272,19 @@ class IntervalContexts(Contexts):
         return RunLayout.from_sorted(self._sorted_order, self._start, length, self.num_levels, values, num_valid)
 
 
-def sorted_valid_values(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def sorted_valid_values(target: Tensor, valid: Tensor, *, invalid_tail: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Each image's valid values ascending, then ``+inf``: ``(B, H*W)``; the valid counts
     ``(B,)``; and the order, ``(B, H*W)`` int32: the pixel (within its image) at each sorted
     place, ties (and the invalid pixels at the end) by pixel index (on CPU -0.0 sorts
     before 0.0).
 
+    With ``invalid_tail=False`` the order's places past each image's valid count may hold
+    anything: :func:`complete_invalid_tail` fills them later, where they are needed.
+
     On CPU, float32 values sort in NumPy as one int64 key per pixel (the value's
     order-preserving bits above the pixel index: vectorised sorting networks, no argsort),
-    two threads when torch may use two; elsewhere a stable :func:`torch.sort`."""
+    two threads when torch may use two; where no image is more than half valid (sparse
+    LiDAR-like depth), only the valid keys are sorted. Elsewhere a stable :func:`torch.sort`."""
     B = target.shape[0]
     rows = torch.where(valid, target, float("inf")).reshape(B, -1)
     count = valid.reshape(B, -1).view(torch.uint8).sum(1, dtype=torch.int32).long()  # (no int64 copy)
@@ -281,36 +292,90 @@ def sorted_valid_values(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, 
         values, order = torch.sort(rows, dim=1, stable=True)
         return values, count, order.to(torch.int32)
     order = torch.empty(rows.shape, dtype=torch.int32)
-    x, o = rows.numpy(), order.numpy()
+    x, o, n = rows.numpy(), order.numpy(), count.numpy()
     if B > 1 and torch.get_num_threads() > 1 and x.size >= 2**16:
         halves = [(0, B // 2), (B // 2, B)]
-        list(_select_pool().map(lambda h: _sort_with_order(x[h[0] : h[1]], o[h[0] : h[1]]), halves))
+        unfilled = any(list(_select_pool().map(lambda h: _sort_with_order(x[h[0] : h[1]], o[h[0] : h[1]], n[h[0] : h[1]]), halves)))
     else:
-        _sort_with_order(x, o)
+        unfilled = _sort_with_order(x, o, n)
+    if invalid_tail and unfilled:
+        complete_invalid_tail(order, count, valid)
     return rows, count, order
 
 
-def _sort_with_order(values: np.ndarray, order: np.ndarray) -> None:
-    """Sort the float32 rows of ``values`` in place, their pixel indices into ``order``
-    (int32): one int64 key per entry, the value's bits (made order-preserving: a negative
-    float's bits but the sign are flipped) above the index, sorted with NumPy's SIMD sort."""
+def complete_invalid_tail(order: Tensor, count: Tensor, valid: Tensor) -> Tensor:
+    """Fill, in place, the places of ``order`` (``(B, P)`` int32) past each image's valid
+    count ``count`` (``(B,)``) with that image's invalid pixels ascending (``valid``: its
+    ``B * P`` bool mask). Returns ``order``."""
+    B, P = order.shape
+    invalid = ~valid.reshape(B, P)
+    tail = torch.arange(P, device=order.device).unsqueeze(0) >= count.unsqueeze(1)
+    order[tail] = invalid.nonzero()[:, 1].to(torch.int32)
+    return order
+
+
+_INF_BITS = np.int32(0x7F800000)  # float32 +inf as int32 bits
+_PAD_INDEX = np.int32(0x7FFFFFFF)
+
+
+def _sort_with_order(values: np.ndarray, order: np.ndarray, count: np.ndarray) -> bool:
+    """Sort the float32 rows of ``values`` (``+inf`` where invalid, ``count`` finite values
+    per row) in place, their pixel indices into ``order`` (int32): one int64 key per entry,
+    the value's bits (made order-preserving: a negative float's bits but the sign are
+    flipped) above the index, sorted with NumPy's SIMD sort.
+
+    When no row is more than half finite, only the finite keys are sorted, as a
+    ``(rows, max count)`` matrix padded with ``+inf`` keys, and ``order``'s places past each
+    row's count are left unfilled (see :func:`complete_invalid_tail`). Returns whether they
+    were."""
     rows, width = values.shape
     bits = values.view(np.int32)
-    key = np.empty((rows, width), dtype=np.int64)
-    words = key.view(np.int32).reshape(rows, width, 2)  # little-endian: (low, high)
-    if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
-        words = words[..., ::-1]
-    words[..., 0] = np.arange(width, dtype=np.int32)
+    longest = int(count.max()) if rows else 0
+    if 2 * longest > width:
+        key = np.empty((rows, width), dtype=np.int64)
+        words = _words(key)
+        words[..., 0] = np.arange(width, dtype=np.int32)
+        negative = _fold_sign(bits, words[..., 1])
+        key.sort(axis=1)
+        np.copyto(order, words[..., 0])
+        np.copyto(bits, words[..., 1])
+        if negative:
+            bits ^= (bits >> 31) & 0x7FFFFFFF
+        return False
+    flat = np.flatnonzero(bits != _INF_BITS)  # the finite entries, row by row
+    packed = np.empty(flat.size, dtype=np.int64)
+    packed_words = _words(packed)
+    negative = _fold_sign(bits.reshape(-1)[flat], packed_words[..., 1])
+    packed_words[..., 0] = flat % width if rows > 1 else flat
+    key = np.empty((rows, longest), dtype=np.int64)
+    words = _words(key)
+    words[..., 1], words[..., 0] = _INF_BITS, _PAD_INDEX
+    key[np.arange(longest) < count[:, None]] = packed  # row by row, as ``flat``
+    key.sort(axis=1)
+    np.copyto(order[:, :longest], words[..., 0])
+    np.copyto(bits[:, :longest], words[..., 1])
+    bits[:, longest:] = _INF_BITS
+    if negative:
+        head = bits[:, :longest]
+        head ^= (head >> 31) & 0x7FFFFFFF
+    return bool((count < width).any())
+
+
+def _words(key: np.ndarray) -> np.ndarray:
+    """``key``'s int64 entries as ``(..., 2)`` int32 (low word, high word)."""
+    words = key.view(np.int32).reshape(*key.shape, 2)
+    return words[..., ::-1] if sys.byteorder != "little" else words  # pragma: no branch
+
+
+def _fold_sign(bits: np.ndarray, out: np.ndarray) -> bool:
+    """Write float32 ``bits`` into ``out`` as order-preserving int32 (a negative float's bits
+    but the sign flipped); return whether any was negative."""
     negative = bool((bits < 0).any())
     if negative:
-        np.bitwise_xor(bits, (bits >> 31) & 0x7FFFFFFF, out=words[..., 1])
+        np.bitwise_xor(bits, (bits >> 31) & 0x7FFFFFFF, out=out)
     else:
-        words[..., 1] = bits
-    key.sort(axis=1)
-    np.copyto(order, words[..., 0])
-    np.copyto(bits, words[..., 1])
-    if negative:
-        bits ^= (bits >> 31) & 0x7FFFFFFF
+        out[...] = bits
+    return negative
 
 
 def _bins_of_runs(
@@ -395,7 +460,7 @@ def depth_range(target: Tensor, mask: Tensor | None = None, *, levels: int = 3) 
 
 
 def _depth_range(g: Tensor, valid: Tensor, levels: int) -> IntervalContexts:
-    sorted_rows, count, order = sorted_valid_values(g, valid)
+    sorted_rows, count, order = sorted_valid_values(g, valid, invalid_tail=False)
     empty = (count == 0).unsqueeze(1)
     lo = sorted_rows[:, :1].masked_fill(empty, 0)
     hi = sorted_rows.gather(1, (count - 1).clamp(min=0).unsqueeze(1)).masked_fill_(empty, 0)
@@ -451,7 +516,7 @@ def depth_percentile(
 
 
 def _depth_percentile(g: Tensor, valid: Tensor, levels: int) -> IntervalContexts:
-    sorted_rows, count, order = sorted_valid_values(g, valid)
+    sorted_rows, count, order = sorted_valid_values(g, valid, invalid_tail=False)
     lower, upper = [], []
     for lvl in range(levels):
         bins = 2**lvl

@@ -377,9 +377,10 @@ def test_gradients_are_fresh_tensors_not_kept_scratch_buffers(context):
     torch.testing.assert_close(p.grad, first, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("valid_rows", [64, 20, 0], ids=["dense", "sparse", "empty"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_sorted_valid_values_give_the_values_and_order_of_a_stable_sort(batch, threads):
+def test_sorted_valid_values_give_the_values_and_order_of_a_stable_sort(batch, threads, valid_rows):
     gen = torch.Generator().manual_seed(9)
     target = torch.randn(batch, 64, 300, generator=gen)  # large enough for the two-thread path
     target[:, :5] = torch.round(target[:, :5] * 2) / 2  # ties
@@ -389,12 +390,20 @@ def test_sorted_valid_values_give_the_values_and_order_of_a_stable_sort(batch, t
     target[:, 6, 7:9] = float("inf")
     valid = torch.isfinite(target)
     valid[:, 7, :3] = False  # masked out: sorts with the invalid pixels
+    valid[:, valid_rows:] = False  # at most half valid: only the valid keys are sorted
+    if batch > 1:
+        valid[1, 3:5] = False  # images with different counts
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         values, count, order = C.sorted_valid_values(target, valid)
+        values_t, count_t, order_t = C.sorted_valid_values(target, valid, invalid_tail=False)
     finally:
         torch.set_num_threads(before)
+    assert torch.equal(values_t, values) and torch.equal(count_t, count)
+    head = torch.arange(order.shape[1]).unsqueeze(0) < count.unsqueeze(1)
+    assert torch.equal(order_t[head], order[head])  # the valid places; the rest is unspecified
+    assert torch.equal(C.complete_invalid_tail(order_t, count_t, valid), order)
     want_values = torch.sort(torch.where(valid, target, float("inf")).reshape(batch, -1), dim=1).values
     assert order.dtype == torch.int32
     torch.testing.assert_close(count, valid.reshape(batch, -1).sum(1))
