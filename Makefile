@@ -2,7 +2,7 @@
 #
 #   make test    create .venv if missing, install, run the whole test suite (tests + notebooks)
 #   make lab     create .venv if missing, install, open JupyterLab on notebooks/
-#   make bench   create .venv if missing, install, run the speed benchmark (python -m hdn.bench)
+#   make bench   create .venv if missing, install, run the speed benchmark (benchmarks/bench.py)
 #   make test-outside-clone   build the wheel, install it into a fresh venv outside the repository,
 #                run the notebooks alone there (strict nbval, generic CPU kernels, one thread)
 #   make book          build the static site (build/book/html) and check it in headless Chromium
@@ -39,7 +39,7 @@ lab: $(STAMP)
 	$(VPY) -m jupyter lab notebooks/
 
 bench: $(STAMP)
-	$(VPY) -m hdn.bench
+	$(VPY) benchmarks/bench.py
 
 test-outside-clone: $(STAMP)
 	PYTHON="$(PYTHON)" TORCH="$(TORCH)" bash .ci/outside_clone.sh

@@ -1,8 +1,9 @@
-"""Contexts: which pixels are normalised together, as data the loss can consume.
+"""Contexts: which pixels are normalised together, as data the loss engine consumes.
 
 A :class:`Contexts` object describes, for a batch of ``B`` images of ``H x W`` pixels, a
-hierarchy of *levels*; each level assigns pixels to contexts (segment ids, see
-:class:`hdn._core.segments.ContextLevel`). The loss never asks what kind of contexts it got.
+hierarchy of *levels*; :meth:`Contexts.segments` gives a level as
+:class:`hdn._core.engine.Segments` (a segment id per pixel, or per (pixel, context) pair where
+contexts overlap). Adding a kind of context is writing that one method.
 
 Generators (docs/semantics.md §3 and §4):
 
@@ -18,22 +19,20 @@ Generators (docs/semantics.md §3 and §4):
 * :func:`from_labels`: one level per user label map (superpixels, semantic masks, ...).
 * :func:`whole_image`: one context per image, i.e. image-level SSI.
 
-Level 0 of DR, DP and DS is always the whole image.
+Level 0 of DR, DP and DS is always the whole image. DR, DP and DS read nothing back to the
+host, so :func:`hdn.hdn_loss` builds them inside a compiled function.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-import sys
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from hdn._core.runs import RunLayout
-from hdn._core.runs import _pool as _select_pool
-from hdn._core.segments import ContextLevel
+from hdn._core.engine import Segments, ordered_bits
 from hdn._validation import _as_bhw, check_levels
 
 __all__ = [
@@ -60,34 +59,49 @@ CONTEXT_NAMES = ("dr", "dp", "ds")
 class Contexts:
     """Base class: a batch's contexts, level by level.
 
-    Subclasses set ``shape = (B, H, W)``, ``valid`` (``(B, H, W)`` bool), ``num_levels``,
-    and implement :meth:`level`. ``aggregation`` ("mean" or "pooled") and
-    ``detach_pred_median`` say how :func:`hdn.hdn_loss` combines the contexts.
+    Subclasses set ``shape = (B, H, W)``, ``valid`` (``(B, H, W)`` bool), ``num_levels`` and
+    ``per_image`` (contexts per image at each level), and implement :meth:`segments`.
+
+    ``aggregation`` ("mean" or "pooled") and ``detach_pred_median`` are the published
+    defaults of the kind (read-only): :func:`hdn.contexts_loss` takes them unless its own
+    arguments say otherwise.
     """
 
     shape: tuple[int, int, int]
     valid: Tensor
     num_levels: int
-    aggregation: str = "mean"
-    detach_pred_median: bool = False
+    per_image: list[int]
+    default_aggregation = "mean"
+    default_detach_pred_median = False
 
-    def level(self, index: int) -> ContextLevel:  # pragma: no cover - abstract
+    @property
+    def aggregation(self) -> str:
+        return self.default_aggregation
+
+    @property
+    def detach_pred_median(self) -> bool:
+        return self.default_detach_pred_median
+
+    def segments(self, level: int) -> Segments:  # pragma: no cover - abstract
+        """Level ``level`` as :class:`hdn._core.engine.Segments`: segment ``b * K + k`` is
+        context ``k`` of image ``b`` (``K`` = ``per_image[level]``), ``B * K`` the spare."""
         raise NotImplementedError
-
-    def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RunLayout | None:
-        """The levels as runs of one pixel order (:mod:`hdn._core.runs`) for the valid pixels ``(B, H, W)``, or
-        ``None`` where they are not nested partitions of one member set (then the loss uses
-        the general segment core)."""
-        return None
 
     def contexts_per_image(self, index: int) -> int:
         """Number of contexts of one image at level ``index``."""
-        return self.level(index).per_image
+        return self.per_image[index]
 
     @property
     def num_contexts(self) -> int:
         """Number of contexts per image, all levels together."""
-        return sum(self.contexts_per_image(i) for i in range(self.num_levels))
+        return sum(self.per_image)
+
+    def _members(self, index: int) -> tuple[Tensor, Tensor]:
+        """Context ``k`` and pixel of every membership of level ``index`` (host-synchronising)."""
+        level = self.segments(index)
+        pixel = level.index if level.index is not None else torch.arange(level.seg.numel(), device=level.seg.device)
+        member = (level.seg < level.num) & self.valid.reshape(-1).gather(0, pixel)
+        return (level.seg % self.per_image[index])[member], pixel[member]
 
     def level_masks(self, index: int) -> Tensor:
         """The contexts of one level as boolean masks ``(K, B, H, W)`` (for plotting).
@@ -95,13 +109,10 @@ class Contexts:
         Masks are intersected with the valid pixels. The loss never builds these.
         """
         B, H, W = self.shape
-        lvl = self.level(index)
-        k = lvl.index
-        pix = lvl.pix if lvl.pix is not None else torch.arange(k.numel(), device=k.device)
-        keep = k >= 0
-        masks = torch.zeros(lvl.per_image, B * H * W, dtype=torch.bool, device=k.device)
-        masks[k[keep], pix[keep]] = True
-        return masks.view(lvl.per_image, B, H, W) & self.valid.unsqueeze(0)
+        k, pixel = self._members(index)
+        masks = torch.zeros(self.per_image[index], B * H * W, dtype=torch.bool, device=self.valid.device)
+        masks[k, pixel] = True
+        return masks.view(self.per_image[index], B, H, W)
 
     def to_masks(self) -> Tensor:
         """All contexts as boolean masks ``(C, B, H, W)``, level 0 first, for plotting."""
@@ -109,10 +120,11 @@ class Contexts:
 
     def level_ids(self, index: int) -> Tensor:
         """Context index of every pixel at a partition level, ``(B, H, W)`` int64, -1 = none."""
-        lvl = self.level(index)
-        if lvl.pix is not None:
+        k, pixel = self._members(index)
+        if torch.unique(pixel).numel() != pixel.numel():
             raise ValueError(f"Invalid index: level {index} has overlapping contexts; use level_masks.")
-        return torch.where(self.valid, lvl.index.view(self.shape), -1)
+        ids = torch.full((self.valid.numel(),), -1, dtype=torch.int64, device=self.valid.device)
+        return ids.index_put_((pixel,), k).view(self.shape)
 
     def __repr__(self) -> str:
         B, H, W = self.shape
@@ -120,6 +132,15 @@ class Contexts:
             f"{type(self).__name__}(B={B}, H={H}, W={W}, levels={self.num_levels}, "
             f"contexts_per_image={self.num_contexts}, aggregation={self.aggregation!r})"
         )
+
+
+def _partition(valid: Tensor, local: Tensor, keep: Tensor, per_image: int) -> Tensor:
+    """Segment ids ``(N,)`` of a level where each pixel is in at most one context: ``local``
+    ``(B, P)`` its context in its image where ``keep``, else the spare ``B * per_image``."""
+    B = valid.shape[0]
+    base = torch.arange(B, device=valid.device).unsqueeze(1) * per_image
+    keep = keep & valid.reshape(B, -1)
+    return torch.where(keep, base + local, B * per_image).reshape(-1)
 
 
 def _depths(target: Tensor) -> Tensor:
@@ -142,37 +163,44 @@ def _prepare_target(target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor
     return _depths(g), valid  # invalid entries keep their (possibly non-finite) values
 
 
+def sorted_target(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each image's valid values ascending, then ``+inf``, ``(B, P)``; the pixel (within its
+    image) at each place, ``(B, P)`` int64; and the valid counts ``(B,)``. One flat stable sort
+    of integer keys (image, then value; two for float64), a radix sort on CPU and CUDA."""
+    B = target.shape[0]
+    rows = torch.where(valid, target, float("inf")).reshape(-1)
+    P = rows.numel() // max(B, 1)
+    image = torch.arange(rows.numel(), device=rows.device) // P
+    if rows.dtype == torch.float32:  # the image above the value's 32 bits
+        order = torch.sort((image << 32) | ordered_bits(rows), stable=True).indices
+    else:
+        order = torch.sort(ordered_bits(rows), stable=True).indices
+        order = order.gather(0, torch.sort(image.gather(0, order), stable=True).indices)
+    values = rows.gather(0, order).view(B, P)
+    return values, (order % P).view(B, P), valid.reshape(B, -1).sum(1)
+
+
 class IntervalContexts(Contexts):
-    """Nested depth-interval bins: bin ``i`` of level ``l`` holds ``lower <= g < upper``.
+    """Depth-interval bins: bin ``i`` of level ``l`` holds the valid ``lower <= g < upper``.
 
     Args:
         target: ``(B, H, W)`` depth (finite where valid; other entries are never read as depths).
         valid: ``(B, H, W)`` bool.
         lower: per level ``l``, ``(B, 2**l)`` lower bin edges (non-decreasing along bins).
         upper: per level ``l``, ``(B, 2**l)`` upper bin edges (non-decreasing along bins).
-        sorted_rows: ``sorted_valid_values(target, valid)`` (values, counts and order) if
-            already known; the order's places past each image's valid count need not be
-            filled (``invalid_tail=False``).
+        sorted_rows: ``sorted_target(target, valid)``.
+        may_overlap: whether an upper edge may pass the next bin's lower edge (DR's
+            ``+ 1e-30``): then a pixel may be in two bins of a level, and each level gives
+            two entries per pixel. A pixel in three or more bins of a level would need an
+            image whose valid range is narrower than ``2**l * 1e-30`` around 0; there it is
+            kept in its last two.
 
-    The levels must nest: the edges of level ``l`` are every ``2**(L-1-l)``-th edge of the
-    finest level (true for DR and DP, whose edges are the same float computations at the
-    same fractions), so everything is found once, at the finest level. In each image's
-    sorted depths a finest bin is a run of positions; the bins that hold a pixel form a
-    range ``[first, last]``, and at a coarser level the range is the finest one shifted
-    right by the level gap. Bins overlap only where DR's ``+ 1e-30`` survives rounding (an
-    edge within 1e-30 of zero): then a pixel is in several bins, exactly as in the released
-    code, and the loss gets the levels as (pixel, bin) pairs. Otherwise the loss gets the
-    finest bins as rows (:meth:`row_layout`).
-
-    Attributes:
-        overlapping: whether some pixel is in two bins of a level.
-        target_order: ``(B*H*W,)`` int32, the target's value order (image-major, invalid
-            last, ties by pixel index); the general segment core reads its medians off it.
-        sorted_by_target_order: True: along ``target_order`` every level's bin ids ascend
-            within an image (bins are intervals of the target), which the loss relies on.
+    The levels nest (the edges of level ``l`` are every ``2**(L-1-l)``-th edge of the finest
+    level, true of DR and DP, whose edges are the same float computations at the same
+    fractions), so each pixel's bin is found once, at the finest level. A bin is a run of
+    each image's sorted depths, so the target's median of each bin is read at the middle of
+    its run: no sort per level.
     """
-
-    sorted_by_target_order = True
 
     def __init__(
         self,
@@ -180,245 +208,69 @@ class IntervalContexts(Contexts):
         valid: Tensor,
         lower: list[Tensor],
         upper: list[Tensor],
-        sorted_rows: tuple[Tensor, Tensor, Tensor] | None = None,
+        sorted_rows: tuple[Tensor, Tensor, Tensor],
+        may_overlap: bool = False,
     ):
         self.shape = tuple(target.shape)  # type: ignore[assignment]
         self.valid = valid
         self.lower, self.upper = lower, upper
-        self.num_levels = L = len(lower)
-        for lvl in range(L):
-            step = 2 ** (L - 1 - lvl)
-            if lower[lvl].shape[1] != 2**lvl or not (
-                torch.equal(lower[lvl], lower[-1][:, ::step]) and torch.equal(upper[lvl], upper[-1][:, step - 1 :: step])
-            ):
-                raise ValueError(f"Invalid lower/upper: level {lvl} does not nest in the finest level.")
+        self.num_levels = len(lower)
+        self.per_image = [edges.shape[1] for edges in lower]
         self._target = target
-        if sorted_rows is None:
-            sorted_rows = sorted_valid_values(target, valid, invalid_tail=False)
-        rows, count, order = sorted_rows
-        # finest bins as runs [start, end) of each image's sorted depths, (B, K)
-        valid_end = count.unsqueeze(1)
-        self._start = torch.minimum(torch.searchsorted(rows, lower[-1].contiguous()), valid_end)
-        self._end = torch.minimum(torch.searchsorted(rows, upper[-1].contiguous()), valid_end)
-        self._count = count
-        # bins overlap where a run starts before its predecessor ends
-        self.overlapping = bool((self._start[:, 1:] < self._end[:, :-1]).any())
-        self._target_version = target._version
-        self._sorted_order = order  # (B, H*W) int32, pixel within its image
-        self._tail_complete = False  # invalid pixels' places: filled when target_order is made
-        self._sorted_values = rows
-        self._order: Tensor | None = None
-        self._pixel_bins: tuple[Tensor, Tensor | None] | None = None
+        self._sorted = sorted_rows
+        self._may_overlap = may_overlap
+        self._fine: tuple | None = None
 
-    @property
-    def target_order(self) -> Tensor:
-        if self._order is None:
-            if not self._tail_complete:
-                complete_invalid_tail(self._sorted_order, self._count, self.valid)
-                self._tail_complete = True
-            B, P = self._sorted_order.shape
-            if B * P < 2**31:
-                offset = torch.arange(B, device=self._sorted_order.device, dtype=torch.int32) * P
-                self._order = (self._sorted_order + offset.unsqueeze(1)).view(-1)
-            else:
-                offset = torch.arange(B, device=self._sorted_order.device) * P
-                self._order = (self._sorted_order.long() + offset.unsqueeze(1)).view(-1)
-        return self._order
+    def segments(self, level: int) -> Segments:
+        B, H, W = self.shape
+        P, K = H * W, self.per_image[level]
+        shift = self.num_levels - 1 - level  # the levels nest: bin i is finest bins i << shift ...
+        last_fine, start_fine, end_fine, image, overlaps = self._finest()
+        last = last_fine >> shift if shift else last_fine  # (-1 >> shift == -1: below every bin)
+        upper = self.upper[level]
+        inside = self.valid.reshape(B, P) & (last >= 0) & (self._rows < upper.gather(1, last.clamp(min=0)))
+        seg = torch.where(inside, last + image * K, B * K).view(-1)
+        # each bin's members are the run [start, end) of its image's sorted depths
+        if shift:
+            start, end = start_fine[:, :: 1 << shift], end_fine[:, (1 << shift) - 1 :: 1 << shift]
+        else:
+            start, end = start_fine, end_fine
+        middle = torch.div(start + end - 1, 2, rounding_mode="floor").clamp(0, P - 1)
+        median = torch.nn.functional.pad((self._sorted[1].gather(1, middle) + image * P).view(-1), (0, 1))
+        if not overlaps[level]:
+            return Segments(seg, B * K, target_median=median)
+        prev = last - 1  # DR's + 1e-30 can keep a pixel in the bin before too
+        inside = self.valid.reshape(B, P) & (prev >= 0) & (self._rows < upper.gather(1, prev.clamp(min=0)))
+        pixels = torch.arange(B * P, device=seg.device)
+        second = torch.where(inside, prev + image * K, B * K).view(-1)
+        return Segments(torch.cat([seg, second]), B * K, torch.cat([pixels, pixels]), target_median=median)
 
-    def level(self, index: int) -> ContextLevel:
-        if self._pixel_bins is None:  # made on first use: the run core never needs them
-            self._pixel_bins = _bins_of_runs(self._start, self._end, self._count, self.target_order, self.overlapping)
-        last, first = self._pixel_bins
-        shift = self.num_levels - 1 - index
-        last = last >> shift  # -1 >> n == -1: in no bin
-        if first is None:
-            return ContextLevel(last, 2**index)
-        first = first >> shift
-        extra = (first < last) & (last >= 0)  # pixels in more than one bin at this level
-        if not bool(extra.any()):
-            return ContextLevel(last, 2**index)
-        n = last.numel()
-        extra_pix = extra.nonzero().squeeze(1)
-        repeats = (last - first).index_select(0, extra_pix).long()
-        pair_pix = torch.repeat_interleave(extra_pix, repeats)
-        offsets = torch.arange(pair_pix.numel(), device=last.device) - torch.repeat_interleave(
-            torch.cumsum(repeats, 0) - repeats, repeats
-        )
-        pair_bin = first.long().index_select(0, pair_pix) + offsets
-        pix = torch.cat([torch.arange(n, device=last.device), pair_pix])
-        return ContextLevel(torch.cat([last.long(), pair_bin]), 2**index, pix)
+    def _finest(self) -> tuple[Tensor, Tensor, Tensor, Tensor, list[bool]]:
+        """Made once: each pixel's last finest bin whose lower edge it reaches ``(B, P)``; the
+        finest bins' runs in the sorted depths, ``start`` and ``end`` ``(B, K)``; the image
+        indices ``(B, 1)``; and per level whether two bins may overlap."""
+        if self._fine is None:
+            B = self.shape[0]
+            values, _, count = self._sorted
+            self._rows = self._target.reshape(B, -1)
+            lower, upper = self.lower[-1].contiguous(), self.upper[-1].contiguous()
+            last = torch.searchsorted(lower, self._rows, right=True) - 1
+            start = torch.minimum(torch.searchsorted(values, lower), count.unsqueeze(1))
+            end = torch.minimum(torch.searchsorted(values, upper), count.unsqueeze(1))
+            image = torch.arange(B, device=last.device).unsqueeze(1)
+            self._fine = (last, start, end, image, self._overlapping_levels())
+        return self._fine
 
-    def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RunLayout | None:
-        """Finest bins as runs of their pixels in value order (:class:`hdn._core.runs.RunLayout`).
-
-        A finest bin is a run of each image's pixels in value order (the order the target
-        was sorted in when the contexts were made), so the layout needs no further sort.
-        ``None`` when bins overlap or when ``valid`` is not the contexts' own mask (then the
-        loss uses the general segment core). If ``target`` is (unchanged) the depth these
-        contexts were built from, the layout carries the target in run order, read off the
-        sorted depths, and every bin's median is its middle member."""
-        if self.overlapping or not (valid is self.valid or torch.equal(valid, self.valid)):
-            return None
-        length = (self._end - self._start).clamp(min=0)
-        same = (
-            target is not None
-            and target.data_ptr() == self._target.data_ptr()
-            and target.shape == self._target.shape
-            and target.dtype == self._target.dtype
-            and target._version == self._target_version
-        )
-        values = self._sorted_values if same else None
-        num_valid = int(self._count.sum())  # (the maximum-depth pixels are valid, in no bin)
-        return RunLayout.from_sorted(self._sorted_order, self._start, length, self.num_levels, values, num_valid)
-
-
-def sorted_valid_values(target: Tensor, valid: Tensor, *, invalid_tail: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """Each image's valid values ascending, then ``+inf``: ``(B, H*W)``; the valid counts
-    ``(B,)``; and the order, ``(B, H*W)`` int32: the pixel (within its image) at each sorted
-    place, ties (and the invalid pixels at the end) by pixel index (on CPU -0.0 sorts
-    before 0.0).
-
-    With ``invalid_tail=False`` the order's places past each image's valid count may hold
-    anything: :func:`complete_invalid_tail` fills them later, where they are needed.
-
-    On CPU, float32 values sort in NumPy as one int64 key per pixel (the value's
-    order-preserving bits above the pixel index: vectorised sorting networks, no argsort),
-    two threads when torch may use two; where no image is more than half valid (sparse
-    LiDAR-like depth), only the valid keys are sorted. Elsewhere a stable :func:`torch.sort`."""
-    B = target.shape[0]
-    rows = torch.where(valid, target, float("inf")).reshape(B, -1)
-    count = valid.reshape(B, -1).view(torch.uint8).sum(1, dtype=torch.int32).long()  # (no int64 copy)
-    if rows.device.type != "cpu" or rows.dtype != torch.float32 or rows.shape[1] >= 2**31:
-        values, order = torch.sort(rows, dim=1, stable=True)
-        return values, count, order.to(torch.int32)
-    order = torch.empty(rows.shape, dtype=torch.int32)
-    x, o, n = rows.numpy(), order.numpy(), count.numpy()
-    if B > 1 and torch.get_num_threads() > 1 and x.size >= 2**16:
-        halves = [(0, B // 2), (B // 2, B)]
-        unfilled = any(list(_select_pool().map(lambda h: _sort_with_order(x[h[0] : h[1]], o[h[0] : h[1]], n[h[0] : h[1]]), halves)))
-    else:
-        unfilled = _sort_with_order(x, o, n)
-    if invalid_tail and unfilled:
-        complete_invalid_tail(order, count, valid)
-    return rows, count, order
-
-
-def complete_invalid_tail(order: Tensor, count: Tensor, valid: Tensor) -> Tensor:
-    """Fill, in place, the places of ``order`` (``(B, P)`` int32) past each image's valid
-    count ``count`` (``(B,)``) with that image's invalid pixels ascending (``valid``: its
-    ``B * P`` bool mask). Returns ``order``."""
-    B, P = order.shape
-    invalid = ~valid.reshape(B, P)
-    tail = torch.arange(P, device=order.device).unsqueeze(0) >= count.unsqueeze(1)
-    order[tail] = invalid.nonzero()[:, 1].to(torch.int32)
-    return order
-
-
-_INF_BITS = np.int32(0x7F800000)  # float32 +inf as int32 bits
-_PAD_INDEX = np.int32(0x7FFFFFFF)
-
-
-def _sort_with_order(values: np.ndarray, order: np.ndarray, count: np.ndarray) -> bool:
-    """Sort the float32 rows of ``values`` (``+inf`` where invalid, ``count`` finite values
-    per row) in place, their pixel indices into ``order`` (int32): one int64 key per entry,
-    the value's bits (made order-preserving: a negative float's bits but the sign are
-    flipped) above the index, sorted with NumPy's SIMD sort.
-
-    When no row is more than half finite, only the finite keys are sorted, as a
-    ``(rows, max count)`` matrix padded with ``+inf`` keys, and ``order``'s places past each
-    row's count are left unfilled (see :func:`complete_invalid_tail`). Returns whether they
-    were."""
-    rows, width = values.shape
-    bits = values.view(np.int32)
-    longest = int(count.max()) if rows else 0
-    if 2 * longest > width:
-        key = np.empty((rows, width), dtype=np.int64)
-        words = _words(key)
-        words[..., 0] = np.arange(width, dtype=np.int32)
-        negative = _fold_sign(bits, words[..., 1])
-        key.sort(axis=1)
-        np.copyto(order, words[..., 0])
-        np.copyto(bits, words[..., 1])
-        if negative:
-            bits ^= (bits >> 31) & 0x7FFFFFFF
-        return False
-    flat = np.flatnonzero(bits != _INF_BITS)  # the finite entries, row by row
-    packed = np.empty(flat.size, dtype=np.int64)
-    packed_words = _words(packed)
-    negative = _fold_sign(bits.reshape(-1)[flat], packed_words[..., 1])
-    packed_words[..., 0] = flat % width if rows > 1 else flat
-    key = np.empty((rows, longest), dtype=np.int64)
-    words = _words(key)
-    words[..., 1], words[..., 0] = _INF_BITS, _PAD_INDEX
-    key[np.arange(longest) < count[:, None]] = packed  # row by row, as ``flat``
-    key.sort(axis=1)
-    np.copyto(order[:, :longest], words[..., 0])
-    np.copyto(bits[:, :longest], words[..., 1])
-    bits[:, longest:] = _INF_BITS
-    if negative:
-        head = bits[:, :longest]
-        head ^= (head >> 31) & 0x7FFFFFFF
-    return bool((count < width).any())
-
-
-def _words(key: np.ndarray) -> np.ndarray:
-    """``key``'s int64 entries as ``(..., 2)`` int32 (low word, high word)."""
-    words = key.view(np.int32).reshape(*key.shape, 2)
-    return words[..., ::-1] if sys.byteorder != "little" else words  # pragma: no branch
-
-
-def _fold_sign(bits: np.ndarray, out: np.ndarray) -> bool:
-    """Write float32 ``bits`` into ``out`` as order-preserving int32 (a negative float's bits
-    but the sign flipped); return whether any was negative."""
-    negative = bool((bits < 0).any())
-    if negative:
-        np.bitwise_xor(bits, (bits >> 31) & 0x7FFFFFFF, out=out)
-    else:
-        out[...] = bits
-    return negative
-
-
-def _bins_of_runs(
-    start: Tensor, end: Tensor, count: Tensor, order: Tensor, overlapping: bool
-) -> tuple[Tensor, Tensor | None]:
-    """The bins of every pixel, from the finest bins as runs of each image's sorted depths.
-
-    Bin ``i`` holds the sorted positions ``start[:, i] <= r < end[:, i]`` (a bin starts at
-    the first position with value >= its lower edge and ends at the first with value >= its
-    upper edge). The bins that hold position ``r`` are ``first(r) .. last(r)`` with
-    ``last(r)`` = (number of bins starting at or before ``r``) - 1 and ``first(r)`` = number
-    of bins ending at or before ``r``: two cumulative sums label all positions, and
-    ``order`` takes the labels back to the pixels.
-
-    Args:
-        start, end: ``(B, K)`` run bounds in ``[0, P]``.
-        count: ``(B,)`` valid pixels per image.
-        order: ``(B * P,)`` the target's image-major value order.
-        overlapping: whether any two runs overlap.
-
-    Returns:
-        ``last`` (int32 ``(N,)``, -1 for a pixel in no bin) and ``first`` (int32 ``(N,)``),
-        or ``None`` for ``first`` when no pixel is in more than one bin.
-    """
-    B = start.shape[0]
-    P = order.numel() // max(B, 1)
-    position = torch.arange(P, device=start.device).unsqueeze(0)
-
-    def _count_at_or_before(where: Tensor) -> Tensor:
-        marks = torch.zeros(B, P + 1, dtype=torch.int32, device=start.device)
-        marks.scatter_add_(1, where, torch.ones_like(where, dtype=torch.int32))
-        return torch.cumsum(marks[:, :P], dim=1, dtype=torch.int32)
-
-    last = _count_at_or_before(start) - 1
-    first = _count_at_or_before(end)
-    member = (first <= last) & (position < count.unsqueeze(1))
-    last = last.masked_fill_(~member, -1)
-
-    def _to_pixels(labels: Tensor) -> Tensor:
-        out = torch.empty(labels.numel(), dtype=labels.dtype, device=labels.device)
-        return out.index_copy_(0, order.long(), labels.reshape(-1))
-
-    return _to_pixels(last), (_to_pixels(first) if overlapping else None)
+    def _overlapping_levels(self) -> list[bool]:
+        """Per level, whether an upper edge may pass the next lower edge (DR's ``+ 1e-30``).
+        Read on the CPU, where a host read costs nothing; elsewhere, and under compile,
+        assumed for DR."""
+        if not self._may_overlap:
+            return [False] * self.num_levels
+        if self.valid.device.type != "cpu" or torch.compiler.is_compiling():
+            return [True] * self.num_levels
+        over = (self.upper[-1][:, :-1] > self.lower[-1][:, 1:]).any(0).tolist() + [False]
+        return [any(over[(1 << (self.num_levels - 1 - lvl)) - 1 :: 1 << (self.num_levels - 1 - lvl)]) for lvl in range(self.num_levels)]
 
 
 def whole_image(target: Tensor, mask: Tensor | None = None) -> Contexts:
@@ -460,18 +312,26 @@ def depth_range(target: Tensor, mask: Tensor | None = None, *, levels: int = 3) 
 
 
 def _depth_range(g: Tensor, valid: Tensor, levels: int) -> IntervalContexts:
-    sorted_rows, count, order = sorted_valid_values(g, valid, invalid_tail=False)
+    sorted_rows = values, _, count = sorted_target(g, valid)
     empty = (count == 0).unsqueeze(1)
-    lo = sorted_rows[:, :1].masked_fill(empty, 0)
-    hi = sorted_rows.gather(1, (count - 1).clamp(min=0).unsqueeze(1)).masked_fill_(empty, 0)
+    lo = values[:, :1].masked_fill(empty, 0)
+    hi = values.gather(1, (count - 1).clamp(min=0).unsqueeze(1)).masked_fill(empty, 0)
+    bins = 2 ** (levels - 1)  # the finest level's edges; a coarser level's are every few
+    edges = lo + (hi - lo) * (torch.arange(bins + 1, dtype=g.dtype, device=g.device) / bins)
+    lower, upper = _nested_levels(edges, edges + 1e-30, levels)
+    return IntervalContexts(g, valid, lower, upper, sorted_rows, may_overlap=True)
+
+
+def _nested_levels(lower_edges: Tensor, upper_edges: Tensor, levels: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Each level's lower and upper bin edges ``(B, 2**l)`` from the finest level's edges
+    ``(B, 2**(L-1) + 1)``: level ``l`` takes every ``2**(L-1-l)``-th (the same floats as
+    computing them at its own fractions, which are exact)."""
     lower, upper = [], []
     for lvl in range(levels):
-        bins = 2**lvl
-        frac = torch.arange(bins + 1, dtype=g.dtype, device=g.device) / bins
-        edges = lo + (hi - lo) * frac
-        lower.append(edges[:, :-1].contiguous())
-        upper.append((edges[:, 1:] + 1e-30).contiguous())
-    return IntervalContexts(g, valid, lower, upper, (sorted_rows, count, order))
+        step = 1 << (levels - 1 - lvl)
+        lower.append(lower_edges[:, :-1:step])
+        upper.append(upper_edges[:, step::step])
+    return lower, upper
 
 
 def _sorted_quantiles(sorted_rows: Tensor, count: Tensor, fractions: Tensor) -> Tensor:
@@ -516,23 +376,35 @@ def depth_percentile(
 
 
 def _depth_percentile(g: Tensor, valid: Tensor, levels: int) -> IntervalContexts:
-    sorted_rows, count, order = sorted_valid_values(g, valid, invalid_tail=False)
-    lower, upper = [], []
-    for lvl in range(levels):
-        bins = 2**lvl
-        frac = torch.arange(bins + 1, dtype=torch.float64, device=g.device) / bins
-        q = _sorted_quantiles(sorted_rows, count, frac)
-        q = torch.where(count.unsqueeze(1) > 0, q, torch.zeros_like(q))
-        lower.append(q[:, :-1].contiguous())
-        upper.append(q[:, 1:].contiguous())
-    return IntervalContexts(g, valid, lower, upper, (sorted_rows, count, order))
+    sorted_rows = values, _, count = sorted_target(g, valid)
+    bins = 2 ** (levels - 1)
+    frac = torch.arange(bins + 1, dtype=torch.float64, device=g.device) / bins
+    q = torch.where(count.unsqueeze(1) > 0, _sorted_quantiles(values, count, frac), 0)
+    lower, upper = _nested_levels(q, q, levels)
+    return IntervalContexts(g, valid, lower, upper, sorted_rows)
+
+
+def _grid_bounds(size: int, cells: int) -> list[int]:
+    """Cell bounds along one side: ``int(i * w * size)``, ``w = 1 / cells`` (the released rule;
+    exact in floating point, so it equals ``i * size // cells``)."""
+    w = 1 / cells
+    return [int(i * w * size) for i in range(cells + 1)]
+
+
+def _grid_cells(size: int, cells: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Along one side: each coordinate's cell ``(size,)``, each cell's first coordinate and
+    length ``(cells,)``; made on ``device`` (no host copy)."""
+    bounds = torch.arange(cells + 1, device=device) * size // cells
+    cell = torch.searchsorted(bounds[1:-1], torch.arange(size, device=device), right=True)
+    return cell, bounds[:-1], bounds[1:] - bounds[:-1]
 
 
 class GridContexts(Contexts):
     """Spatial grid (DS): level ``l`` cuts every image into ``2**l x 2**l`` cells.
 
     Cell ``(r, c)`` covers rows ``[int(r * w * H), int((r + 1) * w * H))`` and columns
-    ``[int(c * w * W), int((c + 1) * w * W))``, ``w = 2**-l``.
+    ``[int(c * w * W), int((c + 1) * w * W))``, ``w = 2**-l``. Cells are nearly equal in
+    size, so the level also gives them as rows of pixels (padded), for row medians.
     """
 
     def __init__(self, valid: Tensor, levels: int):
@@ -546,25 +418,48 @@ class GridContexts(Contexts):
         self.shape = (B, H, W)
         self.valid = valid
         self.num_levels = levels
+        self.per_image = [4**lvl for lvl in range(levels)]
 
-    def row_layout(self, valid: Tensor, target: Tensor | None = None) -> RunLayout:
-        """Finest cells in quadtree order, as runs (:class:`hdn._core.runs.RunLayout`)."""
-        return RunLayout.grid(valid.view(self.shape), self.num_levels)
-
-    @staticmethod
-    def _cell_index(size: int, cells: int, device) -> Tensor:
-        w = 1 / cells
-        starts = torch.tensor([int(i * w * size) for i in range(1, cells)], dtype=torch.int64)
-        return torch.searchsorted(starts, torch.arange(size), right=True).to(device)
-
-    def level(self, index: int) -> ContextLevel:
+    def segments(self, level: int) -> Segments:
         B, H, W = self.shape
-        cells = 2**index
-        dev = self.valid.device
-        rows = self._cell_index(H, cells, dev)
-        cols = self._cell_index(W, cells, dev)
-        cell = (rows.unsqueeze(1) * cells + cols.unsqueeze(0)).to(torch.int32)
-        return ContextLevel(cell.expand(B, H, W).reshape(-1), cells * cells)
+        cells = 2**level
+        key = (B, H, W, level, str(self.valid.device))
+        if torch.compiler.is_compiling():  # (in a graph the layout is made once, at trace)
+            layout = _grid_layout(B, H, W, level, self.valid.device)
+        elif key not in _GRID_LAYOUTS:
+            if len(_GRID_LAYOUTS) >= 16:
+                _GRID_LAYOUTS.pop(next(iter(_GRID_LAYOUTS)))
+            layout = _GRID_LAYOUTS[key] = _grid_layout(B, H, W, level, self.valid.device)
+        else:
+            layout = _GRID_LAYOUTS[key]
+        cell, rows = layout
+        seg = torch.where(self.valid.reshape(-1), cell, B * cells * cells)
+        return Segments(seg, B * cells * cells, rows=rows)
+
+
+_GRID_LAYOUTS: dict[tuple, tuple[Tensor, Tensor | int]] = {}
+"""The last few grid layouts, by (B, H, W, level, device): they depend on nothing else."""
+
+
+def _grid_layout(B: int, H: int, W: int, level: int, dev) -> tuple[Tensor, Tensor | int]:
+    """Level ``level``'s cells: each pixel's segment ``(N,)`` (``b * cells**2 + cell``), and
+    the cells as rows of their pixels, ``(B * cells**2 + 1, h * w)`` padded with ``N`` (the
+    last row, all padding, is the spare segment's)."""
+    cells = 2**level
+    if cells == 1:  # the whole image: segment b is the pixels [b * H * W, (b + 1) * H * W)
+        return torch.arange(B, device=dev).repeat_interleave(H * W), H * W
+    r, top, heights = _grid_cells(H, cells, dev)
+    c, left, widths = _grid_cells(W, cells, dev)
+    cell = (r.unsqueeze(1) * cells + c.unsqueeze(0)).reshape(1, -1)
+    seg = (cell + torch.arange(B, device=dev).unsqueeze(1) * (cells * cells)).reshape(-1)
+    h = max(b - a for a, b in itertools.pairwise(_grid_bounds(H, cells)))
+    w = max(b - a for a, b in itertools.pairwise(_grid_bounds(W, cells)))
+    dy, dx = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    pixel = (top.unsqueeze(1) + dy)[:, None, :, None] * W + (left.unsqueeze(1) + dx)[None, :, None, :]
+    inside = (dy < heights.unsqueeze(1))[:, None, :, None] & (dx < widths.unsqueeze(1))[None, :, None, :]
+    first = (torch.arange(B, device=dev) * (H * W)).view(B, 1, 1, 1, 1)
+    rows = torch.where(inside, pixel + first, B * H * W).reshape(B * cells * cells, h * w)
+    return seg, torch.cat([rows, rows.new_full((1, h * w), B * H * W)])
 
 
 def spatial_grid(target: Tensor, mask: Tensor | None = None, *, levels: int = 3) -> GridContexts:
@@ -602,11 +497,15 @@ class LabelContexts(Contexts):
     def __init__(self, labels: list[Tensor], counts: list[int], valid: Tensor):
         self.shape = tuple(valid.shape)  # type: ignore[assignment]
         self.valid = valid
-        self._labels, self._counts = labels, counts
+        self._labels = labels
+        self.per_image = list(counts)
         self.num_levels = len(labels)
 
-    def level(self, index: int) -> ContextLevel:
-        return ContextLevel(self._labels[index].reshape(-1), self._counts[index])
+    def segments(self, level: int) -> Segments:
+        B = self.shape[0]
+        labels = self._labels[level].reshape(B, -1)
+        K = self.per_image[level]
+        return Segments(_partition(self.valid, labels, labels >= 0, K), B * K)
 
 
 def from_labels(
@@ -672,33 +571,39 @@ def from_labels(
 
 
 class PairContexts(Contexts):
-    """Overlapping contexts given as (pixel, segment) pairs, in one level.
+    """Overlapping contexts in one level, as a membership mask per context.
 
-    Used by the random variants: ``aggregation="pooled"`` and the prediction's median
-    without gradient, as in the follow-up work (docs/semantics.md §4).
+    Used by the random variants, whose published defaults are the pooled aggregation and the
+    prediction's median without gradient (docs/semantics.md §4). The level has one entry per
+    (context, pixel), members or not, so its size depends on the shape alone: a compiled loss
+    takes new draws without recompiling.
+
+    Args:
+        valid: ``(B, H, W)`` bool.
+        member: ``(K, B, H * W)`` bool, context ``k``'s pixels in each image.
+        description: what the contexts are (bounds or boxes), for display.
     """
 
-    aggregation = "pooled"
-    detach_pred_median = True
+    default_aggregation = "pooled"
+    default_detach_pred_median = True
 
-    def __init__(self, valid: Tensor, pix: Tensor, index: Tensor, per_image: int, description: Tensor):
+    def __init__(self, valid: Tensor, member: Tensor, description: Tensor):
         self.shape = tuple(valid.shape)  # type: ignore[assignment]
         self.valid = valid
         self.num_levels = 1
-        self._pix, self._index, self._per_image = pix, index, per_image
+        K, B, P = member.shape
+        self.per_image = [K]
+        self._member = member & valid.reshape(1, B, P)
         self.description = description
 
-    def level(self, index: int) -> ContextLevel:
-        if index != 0:
-            raise IndexError(index)
-        return ContextLevel(self._index, self._per_image, self._pix)
-
-
-def _pairs_from_membership(member: Tensor) -> tuple[Tensor, Tensor]:
-    """``member`` (K, B, P) bool -> flat pixel indices and context indices ``k``."""
-    P = member.shape[2]
-    k, b, i = member.nonzero(as_tuple=True)
-    return b * P + i, k
+    def segments(self, level: int) -> Segments:
+        if level != 0:
+            raise IndexError(level)
+        K, B, P = self._member.shape
+        context = torch.arange(K, device=self.valid.device).view(K, 1, 1)
+        image = torch.arange(B, device=self.valid.device).view(1, B, 1)
+        seg = torch.where(self._member, image * K + context, B * K).reshape(-1)
+        return Segments(seg, B * K, torch.arange(B * P, device=self.valid.device).repeat(K))
 
 
 def _check_generator(num: int, generator: torch.Generator | None) -> None:
@@ -753,9 +658,7 @@ def random_depth_intervals(
     inside = (flat.unsqueeze(0) >= bounds[..., 0].T.unsqueeze(-1)) & (
         flat.unsqueeze(0) <= bounds[..., 1].T.unsqueeze(-1)
     )
-    member = torch.cat([vflat.unsqueeze(0), inside & vflat.unsqueeze(0)], dim=0)
-    pix, index = _pairs_from_membership(member)
-    return PairContexts(valid, pix, index, num + 1, bounds)
+    return PairContexts(valid, torch.cat([vflat.unsqueeze(0), inside], dim=0), bounds)
 
 
 def random_crops(
@@ -807,9 +710,8 @@ def random_crops(
     c = torch.arange(W, device=valid.device).view(1, 1, 1, W)
     tb, lb, hb, wb = (boxes[..., j].T.reshape(num, B, 1, 1) for j in range(4))
     inside = (r >= tb) & (r < tb + hb) & (c >= lb) & (c < lb + wb)
-    member = torch.cat([valid.unsqueeze(0), inside & valid.unsqueeze(0)], dim=0).reshape(num + 1, B, H * W)
-    pix, index = _pairs_from_membership(member)
-    return PairContexts(valid, pix, index, num + 1, boxes)
+    member = torch.cat([valid.unsqueeze(0), inside], dim=0).reshape(num + 1, B, H * W)
+    return PairContexts(valid, member, boxes)
 
 
 def check_contexts(contexts: object, shape: tuple[int, ...], device: torch.device, *, name: str = "contexts") -> Contexts:

@@ -6,8 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from hdn import contexts as _contexts
-from hdn._core.runs import REDUCTIONS, RunHierarchicalSSI, RunLayout
-from hdn._core.segments import HierarchicalSSI
+from hdn._core.engine import REDUCTIONS, contexts_ssi_loss
 from hdn._validation import check_depth_inputs, check_levels, stats_dtype
 from hdn.normalization import ssi_normalize
 
@@ -23,13 +22,6 @@ __all__ = [
 ]
 
 
-def _eager(fn):
-    """Run ``fn`` eagerly inside ``torch.compile``: the cores select medians in NumPy and
-    build row layouts in Python, which dynamo cannot trace. A compiled training step breaks
-    its graph at the loss, and the loss runs as it does outside compile."""
-    return torch.compiler.disable(fn, recursive=True)
-
-
 def check_reduction(reduction: object) -> str:
     """``reduction`` if it is one of :data:`REDUCTIONS`, else ``ValueError``."""
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
@@ -37,7 +29,6 @@ def check_reduction(reduction: object) -> str:
     return reduction
 
 
-@_eager
 def contexts_loss(
     pred: Tensor,
     target: Tensor,
@@ -45,6 +36,8 @@ def contexts_loss(
     contexts: _contexts.Contexts,
     *,
     reduction: str = "mean",
+    aggregation: str | None = None,
+    detach_pred_median: bool | None = None,
 ) -> Tensor:
     """SSI loss over arbitrary contexts (the common core of :func:`ssi_loss` and :func:`hdn_loss`).
 
@@ -54,71 +47,56 @@ def contexts_loss(
         mask: bool mask or ``None``.
         contexts: a :class:`hdn.contexts.Contexts` of the same ``(B, H, W)``.
         reduction: ``"mean"``, ``"sum"``, ``"per_image"`` or ``"none"``, as in :func:`hdn_loss`.
+        aggregation: ``"mean"`` (each pixel's mean over its contexts, docs/semantics.md §2)
+            or ``"pooled"`` (all (context, pixel) losses over their number, §4); ``None``
+            takes the contexts' published default (pooled for the random variants).
+        detach_pred_median: take the prediction's medians without gradient; ``None`` takes
+            the contexts' default (detached for the random variants).
 
     Returns:
-        the reduced loss (float32, or float64 for float64 inputs). For pooled contexts (the
-        random variants) pixel ``i``'s loss is ``m_i = (N_v / P) * sum_{C containing i}
-        |p_hat^C_i - g_hat^C_i|`` with ``P`` the (context, pixel) pairs of the batch, so that
-        ``sum_i m_i / N_v`` is the pooled mean; ``"per_image"`` is then image ``b``'s share
-        of it over ``N_v,b`` (it depends on the batch through ``N_v / P``), not the pooled
-        mean of the image alone.
+        the reduced loss (float32, or float64 for float64 inputs). For pooled contexts pixel
+        ``i``'s loss is ``m_i = (N_v / P) * sum_{C containing i} |p_hat^C_i - g_hat^C_i|``
+        with ``P`` the (context, pixel) pairs of the batch, so that ``sum_i m_i / N_v`` is
+        the pooled mean; ``"per_image"`` is then image ``b``'s share of it over ``N_v,b``
+        (it depends on the batch through ``N_v / P``), not the pooled mean of the image alone.
     """
     check_reduction(reduction)
     p, g, valid = check_depth_inputs(pred, target, mask)
     _contexts.check_contexts(contexts, p.shape, p.device, name="context")
-    return _output(_checked_loss(p, g, valid, contexts, reduction), pred, reduction)
+    aggregation = contexts.aggregation if aggregation is None else aggregation
+    if aggregation not in ("mean", "pooled"):
+        raise ValueError(f"Invalid aggregation: we expect 'mean' or 'pooled'. Got: {aggregation!r}.")
+    detach = contexts.detach_pred_median if detach_pred_median is None else bool(detach_pred_median)
+    loss = _engine_loss(p, g, valid, contexts, reduction, pooled=aggregation == "pooled", detach=detach)
+    return _output(loss, pred, reduction)
 
 
-def _checked_loss(
-    p: Tensor, g: Tensor, valid: Tensor, contexts: _contexts.Contexts, reduction: str = "mean"
+def _engine_loss(
+    p: Tensor, g: Tensor, valid: Tensor, contexts: _contexts.Contexts, reduction: str, *, pooled=False, detach=False
 ) -> Tensor:
-    """:func:`contexts_loss` on inputs from :func:`check_depth_inputs`, ``(B, H, W)``."""
-    return _apply_core(*_prepare_core(p, g, valid, contexts), reduction)
+    """The engine on checked ``(B, H, W)`` inputs: flat statistics-dtype tensors, the valid
+    pixels that both the inputs and the contexts allow, every level's segments."""
+    dtype = stats_dtype(p, g)
+    valid = valid & contexts.valid
+    levels = [contexts.segments(level) for level in range(contexts.num_levels)]
+    p, g = (x if x.dtype == dtype else x.to(dtype) for x in (p, g))
+    return contexts_ssi_loss(
+        p.reshape(-1),
+        g.reshape(-1),
+        valid.reshape(-1),
+        levels,
+        p.shape[0],
+        pooled=pooled,
+        detach_pred_median=detach,
+        reduction=reduction,
+    )
 
 
 def _output(loss: Tensor, pred: Tensor, reduction: str) -> Tensor:
-    """The core's flat ``(N,)`` map in the input's layout (other reductions as they are)."""
+    """The engine's flat ``(N,)`` map in the input's layout (other reductions as they are)."""
     return loss.view(pred.shape) if reduction == "none" else loss
 
 
-def _prepare_core(
-    p: Tensor, g: Tensor, valid: Tensor, contexts: _contexts.Contexts
-) -> tuple[Tensor, Tensor, Tensor, RunLayout | _contexts.Contexts]:
-    """Flat statistics-dtype inputs and what the loss runs on: the contexts' row layout
-    where they have one (then the contexts themselves are no longer needed), else the
-    contexts for the general segment core."""
-    dtype = stats_dtype(p, g)
-    if valid is not contexts.valid:  # (contexts built here share the mask)
-        valid = valid & contexts.valid
-    target = g
-    p, g = p.to(dtype).reshape(-1), g.to(dtype).reshape(-1)
-    # The run core takes nested partitions (DS, DR, DP, whole image) and a finite
-    # prediction; a prediction that is not finite at a valid pixel must give a non-finite
-    # loss, which the general core reproduces. Invalid pixels never matter.
-    finite = bool(torch.isfinite(p.sum()))
-    if not finite:
-        p = torch.where(valid.reshape(-1), p, 0)
-        finite = bool(torch.isfinite(p.sum()))
-    rows = contexts.aggregation == "mean" and not contexts.detach_pred_median and finite
-    layout = contexts.row_layout(valid, target) if rows else None
-    return p, g, valid.reshape(-1), contexts if layout is None else layout
-
-
-def _apply_core(
-    p: Tensor, g: Tensor, valid: Tensor, core: RunLayout | _contexts.Contexts, reduction: str = "mean"
-) -> Tensor:
-    if reduction == "mean":  # (the training path: no per-image counts)
-        if isinstance(core, RunLayout):
-            return RunHierarchicalSSI.apply(p, g, core)
-        return HierarchicalSSI.apply(p, g, valid, core)
-    batch = core.batch if isinstance(core, RunLayout) else core.shape[0]
-    image_valid = torch.count_nonzero(valid.reshape(batch, -1), dim=1) if reduction == "per_image" else None
-    if isinstance(core, RunLayout):
-        return RunHierarchicalSSI.apply(p, g, core, reduction, image_valid)
-    return HierarchicalSSI.apply(p, g, valid, core, reduction, image_valid)
-
-
-@_eager
 def ssi_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None, *, reduction: str = "mean") -> Tensor:
     """Image-level scale-and-shift-invariant mean absolute error.
 
@@ -146,10 +124,9 @@ def ssi_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None, *, reduct
     """
     check_reduction(reduction)
     p, g, valid = check_depth_inputs(pred, target, mask)
-    return _output(_checked_loss(p, g, valid, _contexts.GridContexts(valid, 1), reduction), pred, reduction)
+    return _output(_engine_loss(p, g, valid, _contexts.GridContexts(valid, 1), reduction), pred, reduction)
 
 
-@_eager
 def hdn_loss(
     pred: Tensor,
     target: Tensor,
@@ -214,10 +191,8 @@ def hdn_loss(
             raise ValueError(
                 f"Invalid context: we expect one of {_contexts.CONTEXT_NAMES} or a Contexts object. Got: {context!r}."
             )
-        prepared = _prepare_core(p, g, valid, _contexts.build_checked(context, g, valid, levels))
-        # the contexts built here are gone before the loss runs (their sorted order is as
-        # large as an image batch); the row layout holds what the loss needs
-        return _output(_apply_core(*prepared, reduction), pred, reduction)
+        contexts = _contexts.build_checked(context, g, valid, levels)
+        return _output(_engine_loss(p, g, valid, contexts, reduction), pred, reduction)
     return contexts_loss(pred, target, mask, context, reduction=reduction)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hdn._core.segments import resolve_level, segment_stats, value_order
+from hdn._core.engine import Segments, normalize
 from hdn._validation import _as_bhw, stats_dtype
 from hdn.contexts import Contexts
 
@@ -57,16 +57,23 @@ def context_normalize(x: Tensor, contexts: Contexts, level: int = 0, mask: Tenso
     xf, valid, shape = _flat_inputs(x, mask)
     if tuple(contexts.shape) != shape:
         raise ValueError(f"Invalid contexts: we expect contexts for shape {shape}. Got: {tuple(contexts.shape)}.")
-    lvl = contexts.level(level)
-    if lvl.pix is not None:
-        raise ValueError(f"Invalid level: level {level} has overlapping contexts; normalise per context instead.")
-    B = shape[0]
+    segments = _partition_level(contexts, level)
     valid = valid & contexts.valid.reshape(-1)
-    xf = torch.where(valid, xf, torch.zeros((), dtype=xf.dtype, device=xf.device))
-    segments = resolve_level(lvl, valid, B)
-    order = None if segments.rows is not None else value_order(xf.detach(), valid, B)
-    stats, centered = segment_stats(xf, order, segments)
-    return (centered * stats.inv_scale.index_select(0, segments.seg)).view(shape)
+    seg = torch.where(valid, segments.seg, segments.num)
+    return normalize(xf, Segments(seg, segments.num, rows=segments.rows)).view(shape)
+
+
+def _partition_level(contexts: Contexts, level: int) -> Segments:
+    """A level as one segment per pixel; ``ValueError`` if some pixel is in two contexts."""
+    segments = contexts.segments(level)
+    if segments.index is None:
+        return segments
+    member = segments.seg < segments.num
+    pixel, seg = segments.index[member], segments.seg[member]
+    if torch.unique(pixel).numel() != pixel.numel():
+        raise ValueError(f"Invalid level: level {level} has overlapping contexts; normalise per context instead.")
+    flat = torch.full((contexts.valid.numel(),), segments.num, dtype=torch.int64, device=seg.device)
+    return Segments(flat.index_put_((pixel,), seg), segments.num)
 
 
 def ssi_normalize(x: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -2,7 +2,7 @@
 
 One boolean mask per context, one context and one image at a time, autograd for the
 gradients. They exist to check the fast code (tests) and to measure it against
-(``python -m hdn.bench``); they are also the easiest place for a reader to see what the
+(``benchmarks/bench.py``); they are also the easiest place for a reader to see what the
 losses compute. Inputs are ``(B, H, W)``; masks are boolean ``(B, H, W)``.
 """
 

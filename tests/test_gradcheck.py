@@ -164,10 +164,10 @@ def test_gradcheck_contexts_loss_random_contexts_with_median_gradient(kind, shap
     make = _random_contexts(kind, seed=0)
     pred, target, mask = _inputs(shape, seed=3, accept=_away_from_kinks(make))
     ctx = make(target, mask)
-    ctx.detach_pred_median = False  # the variant whose backward is the forward's true gradient
     pred.requires_grad_(True)
     target.requires_grad_(True)
-    _check(lambda p, g: hdn.contexts_loss(p, g, mask, ctx), pred, target)
+    # the variant whose backward is the forward's true gradient
+    _check(lambda p, g: hdn.contexts_loss(p, g, mask, ctx, detach_pred_median=False), pred, target)
 
 
 def _median_pixels(pred, mask, ctx):

@@ -10,7 +10,7 @@ import torch
 
 import hdn
 from hdn import reference
-from hdn._core.segments import EPS
+from hdn._core.engine import EPS
 from hdn.data import near_far_scene
 from hdn.workbook.gradients import (
     DescentExplorer,

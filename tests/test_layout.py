@@ -52,7 +52,7 @@ def test_core_imports_only_itself(path):
 
 def test_importing_the_library_loads_no_workbook_or_toy_module():
     code = (
-        "import sys, hdn, hdn.bench, hdn.reference, hdn.data\n"
+        "import sys, hdn, hdn.reference, hdn.data\n"
         "print(sorted(m for m in sys.modules if m.startswith(('hdn.workbook', 'hdn.toy'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

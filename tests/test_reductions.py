@@ -1,5 +1,5 @@
 """Every ``reduction`` of every loss against the slow reference (hdn.reference): values and
-gradients in float64 within 1e-6, on both cores (rows and segments), over odd and
+gradients in float64 within 1e-6, on every kind of level (rows, sorted segments, pairs), over odd and
 non-square shapes, empty masks and ties; and the identities that tie the reductions
 together (``map.sum() / N_v == mean``, ``per_image`` is the image alone, ...).
 
@@ -18,7 +18,6 @@ from torch.autograd import gradcheck
 import hdn
 from hdn import contexts as C
 from hdn import reference as ref
-from hdn._core import runs
 
 F64 = torch.float64
 NAN = float("nan")
@@ -158,11 +157,12 @@ def test_reductions_match_reference_with_heavy_ties_in_the_target(context, reduc
     _assert_close(got[1], want[1])
 
 
-@pytest.mark.parametrize("reduction", ("per_image", "none"))
-@pytest.mark.parametrize("context", ("dr", "dp", "ds"))
-def test_reductions_on_the_torch_kthvalue_path_match_reference(context, reduction, monkeypatch):
-    """CUDA's selection path (torch.kthvalue), run on the CPU."""
-    monkeypatch.setattr(runs, "_NUMPY", False)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_reductions_of_dr_with_two_entries_per_pixel_match_reference(reduction, monkeypatch):
+    """The DR levels of CUDA and of compiled code (two entries per pixel, for bins that may
+    overlap), run on the CPU, where eager DR drops the second entry when no bins overlap."""
+    monkeypatch.setattr(C.IntervalContexts, "_overlapping_levels", lambda self: [True] * self.num_levels)
+    context = "dr"
     pred, target, mask = _data((2, 9, 13), "kth", context, reduction)
     _check(lambda p, g, **kw: hdn.hdn_loss(p, g, mask, context=context, levels=3, **kw),
            _ref_hdn_masked(context, 3, mask), pred, target, reduction, "kth", context)
@@ -277,16 +277,6 @@ def test_none_keeps_the_layout_of_bhw_inputs():
     pred, target, mask = _data((2, 7, 9), "layout")
     assert hdn.hdn_loss(pred, target, mask, reduction="none").shape == (2, 7, 9)
     assert hdn.ssi_loss(pred.unsqueeze(1), target.unsqueeze(1), reduction="none").shape == (2, 1, 7, 9)
-
-
-@pytest.mark.parametrize("context", ("dr", "ds"))
-def test_mean_reduction_keeps_the_run_core_and_its_scalar_backward(context):
-    pred, target, _ = _data((2, 8, 8), "core")
-    p = pred.requires_grad_(True)
-    loss = hdn.hdn_loss(p, target, context=context, reduction="mean")
-    assert type(loss.grad_fn).__name__ == "RunHierarchicalSSIBackward"
-    per_image = hdn.hdn_loss(p, target, context=context, reduction="per_image")
-    assert type(per_image.grad_fn).__name__ == "RunHierarchicalSSIBackward"
 
 
 @pytest.mark.parametrize("reduction", ("per_image", "none"))

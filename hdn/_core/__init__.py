@@ -1,11 +1,8 @@
 """The private computational core behind :mod:`hdn`'s losses.
 
-- :mod:`hdn._core.runs`: the *run core*. Nested partitions (DS cells, DR/DP bins, the whole
-  image) as contiguous runs of one pixel order, so every context of every level is a run:
-  segment sums, and one row selection per length class of runs.
-- :mod:`hdn._core.segments`: the general *segment core*. Per-segment medians, sums and counts
-  for any contexts (overlapping, pooled, label maps).
-
-Nothing here is public API: call :func:`hdn.hdn_loss`, :func:`hdn.ssi_loss` and
-:func:`hdn.contexts_loss` instead. The core imports nothing from the rest of the package.
+:mod:`hdn._core.engine`: one engine for every kind of context. A level of contexts is data (a
+segment id per pixel or per (pixel, context) pair); medians, scales, the normalised residuals,
+their per-pixel mean and the reductions are computed from it with fixed shapes and no host
+sync. Nothing here is public API: call :func:`hdn.hdn_loss`, :func:`hdn.ssi_loss` and
+:func:`hdn.contexts_loss`. The core imports nothing from the rest of the package.
 """

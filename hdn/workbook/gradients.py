@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from hdn import contexts as _contexts
-from hdn._core.segments import EPS
+from hdn._core.engine import EPS
 from hdn._validation import _as_bhw, check_depth_inputs, check_levels, single_image, stats_dtype
 from hdn.data import blurred
 from hdn.losses import contexts_loss
@@ -136,7 +136,7 @@ def ssi_gradient_parts(pred: Tensor, target: Tensor, mask: Tensor | None = None)
         \\frac{\\partial \\mathcal L}{\\partial t} = -\\sum_j \\frac{r_j}{d}
             - \\frac{\\partial \\mathcal L}{\\partial s}\\sum_j \\frac{\\operatorname{sign}(p_j - t)}{n + 1}.
 
-    Written independently of :mod:`hdn._core.segments` (one image at a time) so that each can check
+    Written independently of :mod:`hdn._core.engine` (one image at a time) so that each can check
     the other.
 
     Args:
@@ -265,8 +265,7 @@ def make_loss(name: str, levels: int = 1, *, detach_pred_median: bool = False) -
             ctx = _contexts.whole_image(target, mask)
         else:
             ctx = _contexts.build(name, target, mask, levels=levels)
-        ctx.detach_pred_median = detach_pred_median
-        return contexts_loss(pred, target, mask, ctx)
+        return contexts_loss(pred, target, mask, ctx, detach_pred_median=detach_pred_median)
 
     loss_fn.__name__ = f"{name}_L{levels}" if name != "ssi" else "ssi"
     return loss_fn
