@@ -201,6 +201,8 @@ def _time_worker(cfg) -> dict:
     """Medians over interleaved rounds, ms: ``{loss: {impl: ms}}``."""
     impls = cfg.impls
     out: dict = {}
+    if cfg.scene not in cfg.compiled_scenes:  # (compiling takes minutes on a CPU)
+        impls = [impl for impl in impls if impl != "compiled"]
     for loss in LOSSES:
         pred, target = make_inputs(cfg.scene, cfg.batch, cfg.size, cfg.device)
         fns = {impl: loss_function(impl, loss, cfg.levels) for impl in impls}
@@ -261,7 +263,11 @@ def count_ops(fn) -> tuple[int, int]:
 
 
 def _counts_worker(cfg) -> dict:
-    """``{loss: {levels: [ops, host reads]}}`` for one eager forward + backward, B=2, 64x64."""
+    """``{loss: {levels: [ops, host reads]}}`` for one eager forward + backward, B=2, 64x64,
+    on the device path (the CPU branches that read the host switched off, as on a GPU)."""
+    from hdn._core import engine
+
+    engine.reads_host = lambda x: False
     out: dict = {}
     for loss in LOSSES:
         out[loss] = {}
@@ -276,12 +282,15 @@ def _counts_worker(cfg) -> dict:
 def _run(cfg, what: str, env_path: str | None = None, **extra) -> dict:
     args = [sys.executable, __file__, "--worker", what, "--device", cfg.device, "--batch", str(cfg.batch),
             "--size", str(cfg.size), "--levels", str(cfg.levels), "--threads", str(cfg.threads),
-            "--rounds", str(cfg.rounds), "--repeats", str(cfg.repeats), "--impls", *cfg.impls]
+            "--rounds", str(cfg.rounds), "--repeats", str(cfg.repeats), "--impls", *cfg.impls,
+            "--compiled-scenes", *cfg.compiled_scenes]
     for key, value in extra.items():
         args += [f"--{key}", str(value)]
     env = dict(os.environ)
     if env_path:
         env["PYTHONPATH"] = env_path
+    if what == "memory":  # large blocks from mmap: freed memory leaves the resident set, whose
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # peak then tracks live tensors (times elsewhere)
     out = subprocess.run(args, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -323,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=1, help="repeat the whole report")
     parser.add_argument("--scenes", nargs="+", default=list(SCENES), choices=SCENES)
     parser.add_argument("--impls", nargs="+", default=["hdn", "compiled", "mask"])
+    parser.add_argument("--compiled-scenes", nargs="+", default=["motorcycle"], choices=SCENES,
+                        help="the scenes timed compiled too (inductor compiles for minutes on a CPU)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--against", help="a directory holding another hdn (a git worktree): timed too")
     parser.add_argument("--worker", choices=("time", "memory", "counts"))

@@ -28,11 +28,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from hdn._core.engine import Segments, ordered_bits
+from hdn._core import engine
+from hdn._core.engine import Segments, ordered_bits, sorted_members
 from hdn._validation import _as_bhw, check_levels
 
 __all__ = [
@@ -99,7 +101,7 @@ class Contexts:
     def _members(self, index: int) -> tuple[Tensor, Tensor]:
         """Context ``k`` and pixel of every membership of level ``index`` (host-synchronising)."""
         level = self.segments(index)
-        pixel = level.index if level.index is not None else torch.arange(level.seg.numel(), device=level.seg.device)
+        pixel = torch.arange(level.seg.numel(), device=level.seg.device) % self.valid.numel()
         member = (level.seg < level.num) & self.valid.reshape(-1).gather(0, pixel)
         return (level.seg % self.per_image[index])[member], pixel[member]
 
@@ -165,19 +167,37 @@ def _prepare_target(target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor
 
 def sorted_target(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Each image's valid values ascending, then ``+inf``, ``(B, P)``; the pixel (within its
-    image) at each place, ``(B, P)`` int64; and the valid counts ``(B,)``. One flat stable sort
-    of integer keys (image, then value; two for float64), a radix sort on CPU and CUDA."""
+    image) at each place, ``(B, P)`` int64 (any past the valid count); and the valid counts
+    ``(B,)``. One flat stable sort of integer keys (image, then value; two for float64), a
+    radix sort on CPU and CUDA, of the valid pixels (:func:`hdn._core.engine.sorted_members`)."""
     B = target.shape[0]
     rows = torch.where(valid, target, float("inf")).reshape(-1)
-    P = rows.numel() // max(B, 1)
-    image = torch.arange(rows.numel(), device=rows.device) // P
+    N, P = rows.numel(), rows.numel() // max(B, 1)
+    image = torch.arange(N, device=rows.device) // P
+    keep = valid.reshape(-1)
     if rows.dtype == torch.float32:  # the image above the value's 32 bits
-        order = torch.sort((image << 32) | ordered_bits(rows), stable=True).indices
+        order = sorted_members((image << 32) | ordered_bits(rows), keep)
     else:
-        order = torch.sort(ordered_bits(rows), stable=True).indices
+        order = sorted_members(ordered_bits(rows), keep)
         order = order.gather(0, torch.sort(image.gather(0, order), stable=True).indices)
-    values = rows.gather(0, order).view(B, P)
-    return values, (order % P).view(B, P), valid.reshape(B, -1).sum(1)
+    count = keep.view(B, P).sum(1)
+    if order.numel() < N:  # the valid pixels only (CPU): to their places in (B, P)
+        start = torch.cumsum(count, 0) - count
+        at = image[order] * P + torch.arange(order.numel()) - start[image[order]]
+        order = torch.zeros(N, dtype=torch.int64).index_put_((at,), order)
+        rows = torch.full_like(rows, float("inf")).index_put_((at,), rows[order[at]])
+        return rows.view(B, P), (order % P).view(B, P), count
+    return rows.gather(0, order).view(B, P), (order % P).view(B, P), count
+
+
+class _Finest(NamedTuple):
+    """What every level of :class:`IntervalContexts` reads, made once at the finest level."""
+
+    last: Tensor  # (B, P) each pixel's last finest bin whose lower edge it reaches (0 if none)
+    inside: Tensor  # (B, P) valid and at or above the lowest edge
+    medians: Tensor  # (B, 2**L - 1) each bin's target median pixel, level by level
+    image: Tensor  # (B, 1) the image indices
+    overlaps: list[bool]  # per level, whether two bins may overlap
 
 
 class IntervalContexts(Contexts):
@@ -223,42 +243,44 @@ class IntervalContexts(Contexts):
 
     def segments(self, level: int) -> Segments:
         B, H, W = self.shape
-        P, K = H * W, self.per_image[level]
-        shift = self.num_levels - 1 - level  # the levels nest: bin i is finest bins i << shift ...
-        last_fine, start_fine, end_fine, image, overlaps = self._finest()
-        last = last_fine >> shift if shift else last_fine  # (-1 >> shift == -1: below every bin)
+        K, shift = self.per_image[level], self.num_levels - 1 - level
+        fine = self._finest()
+        last = fine.last >> shift  # the levels nest: finest bin j is in bin j >> shift
         upper = self.upper[level]
-        inside = self.valid.reshape(B, P) & (last >= 0) & (self._rows < upper.gather(1, last.clamp(min=0)))
-        seg = torch.where(inside, last + image * K, B * K).view(-1)
-        # each bin's members are the run [start, end) of its image's sorted depths
-        if shift:
-            start, end = start_fine[:, :: 1 << shift], end_fine[:, (1 << shift) - 1 :: 1 << shift]
-        else:
-            start, end = start_fine, end_fine
-        middle = torch.div(start + end - 1, 2, rounding_mode="floor").clamp(0, P - 1)
-        median = torch.nn.functional.pad((self._sorted[1].gather(1, middle) + image * P).view(-1), (0, 1))
-        if not overlaps[level]:
+        bins = last + fine.image * K
+        seg = torch.where(fine.inside & (self._rows < upper.gather(1, last)), bins, B * K).view(-1)
+        median = torch.nn.functional.pad(fine.medians[:, K - 1 : 2 * K - 1].reshape(-1), (0, 1))
+        if not fine.overlaps[level]:
             return Segments(seg, B * K, target_median=median)
-        prev = last - 1  # DR's + 1e-30 can keep a pixel in the bin before too
-        inside = self.valid.reshape(B, P) & (prev >= 0) & (self._rows < upper.gather(1, prev.clamp(min=0)))
-        pixels = torch.arange(B * P, device=seg.device)
-        second = torch.where(inside, prev + image * K, B * K).view(-1)
-        return Segments(torch.cat([seg, second]), B * K, torch.cat([pixels, pixels]), target_median=median)
+        # DR's + 1e-30 can keep a pixel in the bin before as well (no bin before bin 0: -inf)
+        upper_before = torch.nn.functional.pad(upper, (1, 0), value=-float("inf"))
+        second = torch.where(fine.inside & (self._rows < upper_before.gather(1, last)), bins - 1, B * K).view(-1)
+        return Segments(torch.cat([seg, second]), B * K, 2, target_median=median)
 
-    def _finest(self) -> tuple[Tensor, Tensor, Tensor, Tensor, list[bool]]:
-        """Made once: each pixel's last finest bin whose lower edge it reaches ``(B, P)``; the
-        finest bins' runs in the sorted depths, ``start`` and ``end`` ``(B, K)``; the image
-        indices ``(B, 1)``; and per level whether two bins may overlap."""
+    def _finest(self) -> _Finest:
+        """Made once: what every level reads (:class:`_Finest`)."""
         if self._fine is None:
-            B = self.shape[0]
-            values, _, count = self._sorted
+            B, H, W = self.shape
+            values, within, _ = self._sorted
             self._rows = self._target.reshape(B, -1)
             lower, upper = self.lower[-1].contiguous(), self.upper[-1].contiguous()
             last = torch.searchsorted(lower, self._rows, right=True) - 1
-            start = torch.minimum(torch.searchsorted(values, lower), count.unsqueeze(1))
-            end = torch.minimum(torch.searchsorted(values, upper), count.unsqueeze(1))
+            start = torch.searchsorted(values, lower)  # (at most the valid count: +inf after it)
+            end = torch.searchsorted(values, upper)
+            # every level's bins are runs [start, end) of the sorted depths: their middles, level
+            # by level, (B, 2**L - 1)
+            steps = [1 << (self.num_levels - 1 - lvl) for lvl in range(self.num_levels)]
+            start = torch.cat([start[:, ::step] for step in steps], 1)
+            end = torch.cat([end[:, step - 1 :: step] for step in steps], 1)
+            middle = torch.div(start + end - 1, 2, rounding_mode="floor").clamp(0, H * W - 1)
             image = torch.arange(B, device=last.device).unsqueeze(1)
-            self._fine = (last, start, end, image, self._overlapping_levels())
+            self._fine = _Finest(
+                last.clamp(min=0),
+                self.valid.reshape(B, -1) & (last >= 0),
+                within.gather(1, middle) + image * (H * W),
+                image,
+                self._overlapping_levels(),
+            )
         return self._fine
 
     def _overlapping_levels(self) -> list[bool]:
@@ -267,7 +289,7 @@ class IntervalContexts(Contexts):
         assumed for DR."""
         if not self._may_overlap:
             return [False] * self.num_levels
-        if self.valid.device.type != "cpu" or torch.compiler.is_compiling():
+        if not engine.reads_host(self.valid):
             return [True] * self.num_levels
         over = (self.upper[-1][:, :-1] > self.lower[-1][:, 1:]).any(0).tolist() + [False]
         return [any(over[(1 << (self.num_levels - 1 - lvl)) - 1 :: 1 << (self.num_levels - 1 - lvl)]) for lvl in range(self.num_levels)]
@@ -313,11 +335,10 @@ def depth_range(target: Tensor, mask: Tensor | None = None, *, levels: int = 3) 
 
 def _depth_range(g: Tensor, valid: Tensor, levels: int) -> IntervalContexts:
     sorted_rows = values, _, count = sorted_target(g, valid)
-    empty = (count == 0).unsqueeze(1)
-    lo = values[:, :1].masked_fill(empty, 0)
-    hi = values.gather(1, (count - 1).clamp(min=0).unsqueeze(1)).masked_fill(empty, 0)
+    lo, hi = values[:, :1], values.gather(1, (count - 1).clamp(min=0).unsqueeze(1))
     bins = 2 ** (levels - 1)  # the finest level's edges; a coarser level's are every few
     edges = lo + (hi - lo) * (torch.arange(bins + 1, dtype=g.dtype, device=g.device) / bins)
+    edges = torch.nan_to_num(edges, nan=0.0)  # (an image without valid pixels: inf - inf)
     lower, upper = _nested_levels(edges, edges + 1e-30, levels)
     return IntervalContexts(g, valid, lower, upper, sorted_rows, may_overlap=True)
 
@@ -603,7 +624,7 @@ class PairContexts(Contexts):
         context = torch.arange(K, device=self.valid.device).view(K, 1, 1)
         image = torch.arange(B, device=self.valid.device).view(1, B, 1)
         seg = torch.where(self._member, image * K + context, B * K).reshape(-1)
-        return Segments(seg, B * K, torch.arange(B * P, device=self.valid.device).repeat(K))
+        return Segments(seg, B * K, K)
 
 
 def _check_generator(num: int, generator: torch.Generator | None) -> None:

@@ -77,7 +77,7 @@ def _engine_loss(
     """The engine on checked ``(B, H, W)`` inputs: flat statistics-dtype tensors, the valid
     pixels that both the inputs and the contexts allow, every level's segments."""
     dtype = stats_dtype(p, g)
-    valid = valid & contexts.valid
+    valid = valid if valid is contexts.valid else valid & contexts.valid
     levels = [contexts.segments(level) for level in range(contexts.num_levels)]
     p, g = (x if x.dtype == dtype else x.to(dtype) for x in (p, g))
     return contexts_ssi_loss(

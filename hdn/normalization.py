@@ -66,14 +66,14 @@ def context_normalize(x: Tensor, contexts: Contexts, level: int = 0, mask: Tenso
 def _partition_level(contexts: Contexts, level: int) -> Segments:
     """A level as one segment per pixel; ``ValueError`` if some pixel is in two contexts."""
     segments = contexts.segments(level)
-    if segments.index is None:
+    if segments.copies == 1:
         return segments
-    member = segments.seg < segments.num
-    pixel, seg = segments.index[member], segments.seg[member]
-    if torch.unique(pixel).numel() != pixel.numel():
+    N = contexts.valid.numel()
+    seg = segments.seg.view(segments.copies, N)
+    member = seg < segments.num
+    if bool((member.sum(0) > 1).any()):
         raise ValueError(f"Invalid level: level {level} has overlapping contexts; normalise per context instead.")
-    flat = torch.full((contexts.valid.numel(),), segments.num, dtype=torch.int64, device=seg.device)
-    return Segments(flat.index_put_((pixel,), seg), segments.num)
+    return Segments(torch.where(member, seg, 0).sum(0) + torch.where(member.any(0), 0, segments.num), segments.num)
 
 
 def ssi_normalize(x: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 
 import hdn
 from hdn import contexts as C
+from hdn._core import engine
 
 F64 = torch.float64
 NAN = float("nan")
@@ -261,6 +262,28 @@ def test_no_host_sync_on_cuda(kind):
         torch.cuda.set_sync_debug_mode(0)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["ssi", "dr", "dp", "ds", "labels", "crops"])
+def test_the_loss_runs_on_the_meta_device_so_it_reads_nothing_back(kind, reduction):
+    """Meta tensors hold no data: any read of a value on the host (``.item()``, ``nonzero``,
+    a data-dependent shape) fails there. Forward and backward run through."""
+    shape = (2, 1, 24, 20)
+    pred = torch.randn(shape, device="meta", requires_grad=True)
+    target, mask = torch.empty(shape, device="meta"), torch.empty(shape, device="meta", dtype=torch.bool)
+    if kind in ("labels", "crops"):  # contexts built on the CPU (a constructor may read), then moved
+        cpu = C.from_labels(torch.arange(480).view(1, 1, 24, 20).expand(2, 1, 24, 20) % 7)
+        if kind == "labels":
+            ctx = C.LabelContexts([cpu._labels[0].to("meta")], cpu.per_image, mask[:, 0])
+        else:
+            crops = C.random_crops(torch.ones(shape), num=3, generator=torch.Generator().manual_seed(0))
+            ctx = C.PairContexts(mask[:, 0], crops._member.to("meta"), crops.description)
+        out = hdn.contexts_loss(pred, target, mask, ctx, reduction=reduction)
+    else:
+        out = _loss(kind)(pred, target, mask, reduction)
+    out.sum().backward()
+    assert pred.grad.shape == shape and pred.grad.device.type == "meta"
+
+
 # --- few kernels ------------------------------------------------------------------------
 
 
@@ -291,7 +314,9 @@ _OPS_OVER = {("dr", 1), ("dr", 2), ("dp", 1), ("dp", 2)}  # open in the engine i
         for case in _OPS_CASES
     ],
 )
-def test_at_most_150_top_level_operations_per_level_for_forward_and_backward(kind, levels):
+def test_at_most_150_top_level_operations_per_level_for_forward_and_backward(kind, levels, monkeypatch):
+    """Counted on the device path: the CPU branches that read the host are switched off."""
+    monkeypatch.setattr(engine, "reads_host", lambda x: False)
     gen = _gen("ops", kind, levels)
     target = torch.rand(2, 1, 64, 64, generator=gen) + 1
     p = torch.randn(2, 1, 64, 64, generator=gen, requires_grad=True)

@@ -28,7 +28,8 @@ class Segments(NamedTuple):
         seg: ``(M,)`` int64, each entry's segment in ``[0, num]``; ``num`` is the spare
             segment of non-members (invalid pixels, pixels in no context of the level).
         num: the number of real segments (``B`` times the contexts per image).
-        index: ``(M,)`` int64, each entry's pixel; ``None`` when entry ``i`` is pixel ``i``.
+        copies: entries per pixel, for contexts that overlap: ``M = copies * N`` and entry
+            ``e`` is pixel ``e % N`` (each copy a partition of the pixels, say).
         rows: optional, for contexts of nearly equal size (the whole image, grid cells),
             whose medians are then taken per row by :func:`torch.nanmedian` instead of from
             the sort: ``(num + 1, C)`` int64 pixels of each segment padded with ``N`` (the
@@ -41,7 +42,7 @@ class Segments(NamedTuple):
 
     seg: Tensor
     num: int
-    index: Tensor | None = None
+    copies: int = 1
     rows: Tensor | int | None = None
     target_median: Tensor | None = None
 
@@ -55,28 +56,31 @@ def ordered_bits(x: Tensor) -> Tensor:
     return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64) + 2**31
 
 
-def _sort_key(x: Tensor, seg: Tensor, index: Tensor | None) -> Tensor:
-    """Distinct int64 keys ordering entries by segment, then value (ties by position)."""
-    if x.dtype == torch.float32:  # the value's 32 bits below the segment
-        bits = ordered_bits(x)
-        bits = bits if index is None else bits.gather(0, index)
-        return (seg << 32) | bits  # (ties: the sort below is stable)
+def value_key(x: Tensor) -> Tensor:
+    """Per pixel, an int64 key in ``[0, 2**32)`` that sorts like the values of ``x`` ``(N,)``:
+    the order-preserving bits of float32, the rank (ties by position) of float64."""
+    if x.dtype != torch.float64:
+        return ordered_bits(x)
     order = torch.sort(ordered_bits(x), stable=True).indices
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-    return seg * x.numel() + (rank if index is None else rank.gather(0, index))
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+
+
+def reads_host(x: Tensor) -> bool:
+    """Whether a branch may read ``x``'s values on the host: on the CPU, where that costs
+    nothing, and not under compile. The CPU branches (sorting only the members, DR's overlap
+    check) are the only places that ask."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 class _Counts(NamedTuple):
     member: Tensor  # (M,) bool
     count: Tensor  # (S + 1,) int64 members per segment (0 for the spare)
-    offsets: Tensor  # (S + 1,) int64 where each segment starts among the sorted entries
 
 
 def _counts(level: Segments) -> _Counts:
     member = level.seg < level.num
     count = torch.zeros(level.num + 1, dtype=torch.int64, device=level.seg.device)
-    count = count.scatter_add(0, level.seg, member.to(torch.int64))
-    return _Counts(member, count, torch.cumsum(count, 0) - count)
+    return _Counts(member, count.scatter_add(0, level.seg, member.to(torch.int64)))
 
 
 def segment_sum(values: Tensor, level: Segments) -> Tensor:
@@ -93,7 +97,7 @@ def segment_sum(values: Tensor, level: Segments) -> Tensor:
 def _dense(level: Segments) -> bool:
     """Whether the level gives its segments as rows (nearly equal sizes): then entries are laid
     out ``(R, num, C)`` and per-segment values broadcast along the rows."""
-    return level.rows is not None and level.index is None
+    return level.rows is not None and level.copies == 1
 
 
 def _entries(x: Tensor, level: Segments, fill: float = 0) -> Tensor:
@@ -103,7 +107,7 @@ def _entries(x: Tensor, level: Segments, fill: float = 0) -> Tensor:
         return x.view(x.shape[0], level.num, level.rows)
     if level.rows is not None:
         return torch.cat([x, x.new_full((x.shape[0], 1), fill)], 1)[:, level.rows[: level.num]]
-    return x if level.index is None else x.index_select(1, level.index)
+    return x if level.copies == 1 else x.repeat(1, level.copies)
 
 
 def _spread(values: Tensor, level: Segments) -> Tensor:
@@ -114,31 +118,55 @@ def _spread(values: Tensor, level: Segments) -> Tensor:
 def _to_pixels(values: Tensor, level: Segments, shape: torch.Size) -> Tensor:
     """Entry values (laid out as :func:`_entries`, without the leading ``R`` for a 1-D
     ``shape``) back to their pixels, summed: ``shape``, ``(R, N)`` or ``(N,)``."""
-    if isinstance(level.rows, int) and level.index is None or level.rows is None and level.index is None:
-        return values.reshape(shape)
-    flat, dim = values.reshape(*shape[:-1], -1), len(shape) - 1
-    if _dense(level):  # rows of pixels padded with N: the padding lands in a column dropped here
+    if torch.is_tensor(level.rows):  # rows of pixels padded with N: the padding lands in a dropped column
         out = values.new_zeros(*shape[:-1], shape[-1] + 1)
-        return out.index_add(dim, level.rows[: level.num].reshape(-1), flat)[..., :-1]
-    return values.new_zeros(shape).index_add(dim, level.index, flat)
+        return out.index_add(len(shape) - 1, level.rows[: level.num].reshape(-1), values.reshape(*shape[:-1], -1))[..., :-1]
+    if level.copies > 1:
+        return values.view(*shape[:-1], level.copies, shape[-1]).sum(-2)
+    return values.reshape(shape)
 
 
-def _median_pixels(x: Tensor, level: Segments, c: _Counts, known: Tensor | None = None) -> Tensor:
+def _median_pixels(
+    x: Tensor, level: Segments, c: _Counts, known: Tensor | None = None, keys: list | None = None
+) -> Tensor:
     """The pixel of each segment's lower median of each row of ``x`` ``(R, N)``, ``(R, S + 1)``
-    (any pixel for an empty segment); ``known``: the last row's, if known already."""
+    (any pixel for an empty segment); ``known``: the last row's, if known already; ``keys``:
+    each row's :func:`value_key`, if made already."""
+    keys = [value_key(row) for row in x] if keys is None and not _dense(level) else keys
     R, N = x.shape
-    if known is not None and R == 2:
-        return torch.stack([_median_pixels(x[:1], level, c)[0], known])
+    if known is not None and R == 2 and not _dense(level):  # the prediction's alone
+        return torch.stack([_sorted_median_pixels(keys[0], level, c), known])
     if _dense(level):
         column = torch.nanmedian(_entries(torch.where(c.member, x, float("nan")), level, float("nan")), dim=2).indices
         if isinstance(level.rows, int):
             return torch.nn.functional.pad(torch.arange(0, N, level.rows, device=x.device) + column, (0, 1))
         pixel = level.rows[: level.num].gather(1, column.T).T  # (the padding's N for an empty cell)
         return torch.nn.functional.pad(pixel.clamp(max=N - 1), (0, 1))
-    middle = (c.offsets + (c.count - 1).clamp(min=0) // 2).clamp(max=level.seg.numel() - 1)
-    entries = [torch.sort(_sort_key(row, level.seg, level.index), stable=True).indices[middle] for row in x]
-    entry = entries[0].unsqueeze(0) if R == 1 else torch.stack(entries)
-    return entry if level.index is None else level.index[entry]
+    return torch.stack([_sorted_median_pixels(key, level, c) for key in keys])
+
+
+def _sorted_median_pixels(key: Tensor, level: Segments, c: _Counts) -> Tensor:
+    """:func:`_median_pixels` of one row from its :func:`value_key` ``(N,)``: one sort of the
+    entries by (segment, value), ``(S + 1,)``."""
+    key = key if level.copies == 1 else key.repeat(level.copies)
+    order = sorted_members((level.seg << 32) | key, c.member)  # (ties by position: stable)
+    if not order.numel():  # (no member at all: a size known on the host)
+        return c.count.clamp(max=0)
+    middle = (torch.cumsum(c.count, 0) - c.count + (c.count - 1).clamp(min=0) // 2).clamp(max=order.numel() - 1)
+    entry = order[middle]
+    return entry if level.copies == 1 else entry % (key.numel() // level.copies)
+
+
+def sorted_members(key: Tensor, member: Tensor) -> Tensor:
+    """The entries in ascending ``key`` order (ties by position), at least the members, which
+    sort before the spare segment and so come first. On the CPU, where a host read costs
+    nothing, only the members are sorted (the sort is the engine's largest cost, and sparse
+    targets have few members); elsewhere, and under compile, every entry."""
+    if reads_host(key):
+        kept = member.nonzero().squeeze(1)
+        if 2 * kept.numel() < key.numel():  # (compacting costs two gathers: worth it when sparse)
+            return kept[torch.sort(key[kept], stable=True).indices]
+    return torch.sort(key, stable=True).indices
 
 
 def _statistics(x: Tensor, level: Segments, c: _Counts, median: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -154,7 +182,7 @@ def _statistics(x: Tensor, level: Segments, c: _Counts, median: Tensor) -> tuple
 
 def normalize(x: Tensor, level: Segments) -> Tensor:
     """``(x - t) / (s + eps)`` for every entry of a level (``(N,)`` at the pixels where
-    ``index`` is None), 0 off the members (docs/semantics.md §1), differentiable by autograd.
+    ``copies`` is 1), 0 off the members (docs/semantics.md §1), differentiable by autograd.
     ``x``: ``(N,)`` pixel values."""
     if level.seg.numel() == 0:
         return x.new_zeros(0)
@@ -162,7 +190,7 @@ def normalize(x: Tensor, level: Segments) -> Tensor:
     x = x.unsqueeze(0)
     centered, _, denominator = _statistics(x, level, c, _median_pixels(x.detach(), level, c))
     normalized = (centered / _spread(denominator, level))[0]
-    return normalized if level.index is not None else _to_pixels(normalized, level, x.shape[1:])
+    return normalized if level.copies > 1 else _to_pixels(normalized, level, x.shape[1:])
 
 
 class _LevelLoss(torch.autograd.Function):
@@ -172,29 +200,29 @@ class _LevelLoss(torch.autograd.Function):
     ``p_hat - g_hat`` (int8) and recomputes the centred values from the inputs."""
 
     @staticmethod
-    def forward(ctx, p, g, seg, index, rows, target_median, num: int, detach_pred_median: bool):  # type: ignore[override]
-        level = Segments(seg, num, index, rows, target_median)
+    def forward(ctx, p, g, seg, copies, rows, target_median, num: int, detach_pred_median: bool, keys):  # type: ignore[override]
+        level = Segments(seg, num, copies, rows, target_median)
         c = _counts(level)
         x = torch.stack([p, g])
-        median = _median_pixels(x, level, c, target_median)
+        median = _median_pixels(x, level, c, target_median, keys)
         centered, t, den = _statistics(x, level, c, median)
         member = _entries(c.member.unsqueeze(0), level)[0] if _dense(level) else c.member
         normalized = centered / _spread(den, level)
-        diff = torch.where(member, normalized[0] - normalized[1], 0)  # (a row's NaN stays in its segment)
+        diff = torch.where(member, torch.sub(*normalized), 0)  # (a row's NaN stays in its segment)
         sign = torch.sign(diff).to(torch.int8)  # 0 off the members
         loss = _to_pixels(diff.abs(), level, p.shape)
         count = _to_pixels(member.to(p.dtype), level, p.shape)
-        flat_median = median + torch.arange(0, 2 * p.numel(), p.numel(), device=p.device).unsqueeze(1)
+        median[1] += p.numel()  # (the pixels of x.view(-1))
         row_tensor = rows if torch.is_tensor(rows) else None
-        ctx.save_for_backward(p, g, seg, index, row_tensor, sign, c.count, t, den, flat_median.view(-1))
-        ctx.num, ctx.rows, ctx.detach_pred_median = num, rows if isinstance(rows, int) else None, detach_pred_median
+        ctx.save_for_backward(p, g, seg, row_tensor, sign, c.count, t, den, median.view(-1))
+        ctx.copies, ctx.num, ctx.rows, ctx.detach_pred_median = copies, num, rows if isinstance(rows, int) else None, detach_pred_median
         ctx.mark_non_differentiable(count)
         return loss, count
 
     @staticmethod
     def backward(ctx, grad_loss, _):  # type: ignore[override]
-        p, g, seg, index, row_tensor, sign, count, t, den, median = ctx.saved_tensors
-        level = Segments(seg, ctx.num, index, ctx.rows if row_tensor is None else row_tensor)
+        p, g, seg, row_tensor, sign, count, t, den, median = ctx.saved_tensors
+        level = Segments(seg, ctx.num, ctx.copies, ctx.rows if row_tensor is None else row_tensor)
         x = torch.stack([p, g])
         member = _entries((seg < ctx.num).unsqueeze(0), level) if _dense(level) else seg < ctx.num
         centered = torch.where(member, _entries(x, level) - _spread(t, level), 0)
@@ -210,7 +238,7 @@ class _LevelLoss(torch.autograd.Function):
         if ctx.detach_pred_median:
             grad_t = grad_t * torch.tensor([[0.0], [1.0]], dtype=x.dtype, device=x.device)
         grad_p, grad_g = grad_x.reshape(-1).index_add(0, median, grad_t.view(-1), alpha=-1).view(2, -1)
-        return grad_p, grad_g, None, None, None, None, None, None
+        return grad_p, grad_g, None, None, None, None, None, None, None
 
 
 def contexts_ssi_loss(
@@ -241,9 +269,15 @@ def contexts_ssi_loss(
     """
     g = torch.where(valid, g, 0)
     loss_sum = in_contexts = p.new_zeros(p.shape)
+    keys: list = []  # the value keys of p and g, made once for the levels that sort
     for i, level in enumerate(level for level in levels if level.seg.numel()):
+        if not _dense(level) and not keys:
+            keys.append(value_key(p.detach()))
+        if not _dense(level) and level.target_median is None and len(keys) < 2:
+            keys.append(value_key(g))
         loss, count = _LevelLoss.apply(
-            p, g, level.seg, level.index, level.rows, level.target_median, level.num, detach_pred_median
+            p, g, level.seg, level.copies, level.rows, level.target_median, level.num, detach_pred_median,
+            None if _dense(level) else keys,
         )
         loss_sum, in_contexts = (loss, count) if i == 0 else (loss_sum + loss, in_contexts + count)
     n_valid = valid.sum().to(p.dtype).clamp(min=1)  # (every map below is 0 without members)

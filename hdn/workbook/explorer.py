@@ -65,7 +65,7 @@ def _resolve(
 def _level_terms(p: Tensor, g: Tensor, valid: Tensor, contexts: Contexts, level: int) -> tuple[Tensor, Tensor]:
     """Per pixel: the sum of ``|p_hat - g_hat|`` over the contexts of one level that hold it,
     and how many contexts of that level hold it; both ``(B, H, W)``."""
-    if contexts.segments(level).index is None:  # a partition: one context per pixel at most
+    if contexts.segments(level).copies == 1:  # a partition: one context per pixel at most
         member = (contexts.level_ids(level) >= 0) & valid
         diff = (context_normalize(p, contexts, level, valid) - context_normalize(g, contexts, level, valid)).abs()
         return torch.where(member, diff, 0.0), member.to(diff.dtype)
