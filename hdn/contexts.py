@@ -242,7 +242,7 @@ class IntervalContexts(Contexts):
         self._fine: tuple | None = None
 
     def segments(self, level: int) -> Segments:
-        B, H, W = self.shape
+        B = self.shape[0]
         K, shift = self.per_image[level], self.num_levels - 1 - level
         fine = self._finest()
         last = fine.last >> shift  # the levels nest: finest bin j is in bin j >> shift
@@ -620,7 +620,7 @@ class PairContexts(Contexts):
     def segments(self, level: int) -> Segments:
         if level != 0:
             raise IndexError(level)
-        K, B, P = self._member.shape
+        K, B, _ = self._member.shape
         context = torch.arange(K, device=self.valid.device).view(K, 1, 1)
         image = torch.arange(B, device=self.valid.device).view(1, B, 1)
         seg = torch.where(self._member, image * K + context, B * K).reshape(-1)
