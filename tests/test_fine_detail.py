@@ -233,9 +233,12 @@ def test_cli_smoke_run_writes_rows_and_resumes(tmp_path):
         "wall_time_s",
         "torch",
         "git_commit",
+        "git_dirty",
+        "started_utc",
         "host",
     ):
         assert key in stored[0]
+    assert isinstance(stored[0]["git_dirty"], bool) and stored[0]["started_utc"] <= stored[0]["finished_utc"]
     assert len(stored[0]["relief_per_scene"]) == 4
     assert [g["step"] for g in stored[0]["grad_share"]] == [1, 2]
     assert fd.main(argv) == []  # resumable: nothing left to run

@@ -289,15 +289,23 @@ def make_test_set(config: RunConfig) -> dict[str, Tensor]:
     return make_relief_batch(seeds, config.size, tilt=config.tilt)
 
 
-def _git_commit() -> str:
+def git_state() -> tuple[str, bool]:
+    """The commit checked out and whether the tree differs from it (tracked files, the results
+    folder aside: rows are appended there while runs go on); ``("unknown", False)`` outside a
+    clone."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=10, check=True,
-        )  # fmt: skip
-        return out.stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return "unknown", False
+    changed = [line for line in status.splitlines() if "experiments/results/" not in line]
+    return commit, bool(changed)
 
 
 def _interior_share(grad: Tensor, inner: Tensor) -> tuple[float, float]:
@@ -310,6 +318,8 @@ def _interior_share(grad: Tensor, inner: Tensor) -> tuple[float, float]:
 def run(config: RunConfig, progress: Iterable | None = None) -> dict:
     """Train and evaluate one run; returns its JSON row (see the module docstring)."""
     wall = time.perf_counter()
+    commit, dirty = git_state()  # (at the start: the code that runs)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         pool = make_relief_batch(
@@ -388,7 +398,9 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "host": platform.node(),
         "device": "cpu",
-        "git_commit": _git_commit(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "started_utc": started,
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
