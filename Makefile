@@ -3,6 +3,8 @@
 #   make test    create .venv if missing, install, run the whole test suite (tests + notebooks)
 #   make lab     create .venv if missing, install, open JupyterLab on notebooks/
 #   make bench   create .venv if missing, install, run the speed benchmark (benchmarks/bench.py)
+#   make gpu-check   on a CUDA machine: tests, host syncs, speed, a training step and notebook 05
+#                on the GPU (benchmarks/gpu_check.py; results in build/gpu-check)
 #   make test-outside-clone   build the wheel, install it into a fresh venv outside the repository,
 #                run the notebooks alone there (strict nbval, generic CPU kernels, one thread)
 #   make book          build the static site (build/book/html) and check it in headless Chromium
@@ -30,7 +32,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := test
-.PHONY: test lab bench clean test-outside-clone book book-html book-check test-browser browser-deps
+.PHONY: test lab bench gpu-check clean test-outside-clone book book-html book-check test-browser browser-deps
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
@@ -40,6 +42,9 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) benchmarks/bench.py
+
+gpu-check: $(STAMP)
+	$(VPY) benchmarks/gpu_check.py --device cuda --out build/gpu-check
 
 test-outside-clone: $(STAMP)
 	PYTHON="$(PYTHON)" TORCH="$(TORCH)" bash .ci/outside_clone.sh
