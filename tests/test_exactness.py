@@ -3,7 +3,7 @@
 Every comparison is in float64, values and gradients within 1e-6 relative (gradients with
 an absolute floor of 1e-6 times the largest reference gradient). The reference builds one
 boolean mask per context and normalises one context of one image at a time, with autograd
-for the gradients; hdn uses the segment core and an analytic backward.
+for the gradients; hdn uses its engine (hdn/_core/engine.py) and an analytic backward.
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ def test_reductions_of_dr_with_two_entries_per_pixel_match_reference(reduction, 
            _ref_hdn_masked(context, 3, mask), pred, target, reduction, "kth", context)
 
 
-# --- the segment core: overlapping, label and pooled contexts --------------------------
+# --- overlapping, label and pooled contexts --------------------------
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
