@@ -25,7 +25,6 @@ host, so :func:`hdn.hdn_loss` builds them inside a compiled function.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -405,16 +404,11 @@ def _depth_percentile(g: Tensor, valid: Tensor, levels: int) -> IntervalContexts
     return IntervalContexts(g, valid, lower, upper, sorted_rows)
 
 
-def _grid_bounds(size: int, cells: int) -> list[int]:
-    """Cell bounds along one side: ``int(i * w * size)``, ``w = 1 / cells`` (the released rule;
-    exact in floating point, so it equals ``i * size // cells``)."""
-    w = 1 / cells
-    return [int(i * w * size) for i in range(cells + 1)]
-
-
 def _grid_cells(size: int, cells: int, device) -> tuple[Tensor, Tensor, Tensor]:
     """Along one side: each coordinate's cell ``(size,)``, each cell's first coordinate and
-    length ``(cells,)``; made on ``device`` (no host copy)."""
+    length ``(cells,)``; made on ``device`` (no host copy). The bounds are the released rule's
+    ``int(i * w * size)``, ``w = 1 / cells``, which is exact in floating point and so equals
+    ``i * size // cells``: the cells are ``size // cells`` or ``size // cells + 1`` long."""
     bounds = torch.arange(cells + 1, device=device) * size // cells
     cell = torch.searchsorted(bounds[1:-1], torch.arange(size, device=device), right=True)
     return cell, bounds[:-1], bounds[1:] - bounds[:-1]
@@ -464,8 +458,7 @@ _GRID_LAYOUTS: dict[tuple, tuple[Tensor, Tensor | int]] = {}
 
 def _grid_layout(B: int, H: int, W: int, level: int, dev) -> tuple[Tensor, Tensor | int]:
     """Level ``level``'s cells: each pixel's segment ``(N,)`` (``b * cells**2 + cell``), and
-    the cells as rows of their pixels, ``(B * cells**2 + 1, h * w)`` padded with ``N`` (the
-    last row, all padding, is the spare segment's)."""
+    the cells as rows of their pixels, ``(B * cells**2, h * w)`` padded with ``N``."""
     cells = 2**level
     if cells == 1:  # the whole image: segment b is the pixels [b * H * W, (b + 1) * H * W)
         return torch.arange(B, device=dev).repeat_interleave(H * W), H * W
@@ -473,14 +466,12 @@ def _grid_layout(B: int, H: int, W: int, level: int, dev) -> tuple[Tensor, Tenso
     c, left, widths = _grid_cells(W, cells, dev)
     cell = (r.unsqueeze(1) * cells + c.unsqueeze(0)).reshape(1, -1)
     seg = (cell + torch.arange(B, device=dev).unsqueeze(1) * (cells * cells)).reshape(-1)
-    h = max(b - a for a, b in itertools.pairwise(_grid_bounds(H, cells)))
-    w = max(b - a for a, b in itertools.pairwise(_grid_bounds(W, cells)))
+    h, w = -(-H // cells), -(-W // cells)  # the longest cells (see _grid_cells)
     dy, dx = torch.arange(h, device=dev), torch.arange(w, device=dev)
     pixel = (top.unsqueeze(1) + dy)[:, None, :, None] * W + (left.unsqueeze(1) + dx)[None, :, None, :]
     inside = (dy < heights.unsqueeze(1))[:, None, :, None] & (dx < widths.unsqueeze(1))[None, :, None, :]
     first = (torch.arange(B, device=dev) * (H * W)).view(B, 1, 1, 1, 1)
-    rows = torch.where(inside, pixel + first, B * H * W).reshape(B * cells * cells, h * w)
-    return seg, torch.cat([rows, rows.new_full((1, h * w), B * H * W)])
+    return seg, torch.where(inside, pixel + first, B * H * W).reshape(B * cells * cells, h * w)
 
 
 def spatial_grid(target: Tensor, mask: Tensor | None = None, *, levels: int = 3) -> GridContexts:

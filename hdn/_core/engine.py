@@ -32,9 +32,8 @@ class Segments(NamedTuple):
             ``e`` is pixel ``e % N`` (each copy a partition of the pixels, say).
         rows: optional, for contexts of nearly equal size (the whole image, grid cells),
             whose medians are then taken per row by :func:`torch.nanmedian` instead of from
-            the sort: ``(num + 1, C)`` int64 pixels of each segment padded with ``N`` (the
-            spare's row all padding), or an int ``C`` when segment ``s`` is pixels
-            ``[s * C, (s + 1) * C)`` and ``num * C == N``.
+            the sort: ``(num, C)`` int64 pixels of each segment padded with ``N``, or an int
+            ``C`` when segment ``s`` is pixels ``[s * C, (s + 1) * C)`` and ``num * C == N``.
         target_median: optional ``(num + 1,)`` int64, the pixel of each segment's lower
             target median (any pixel for the spare), where the contexts know it already
             (intervals of a sorted target).
@@ -75,12 +74,19 @@ def reads_host(x: Tensor) -> bool:
 class _Counts(NamedTuple):
     member: Tensor  # (M,) bool
     count: Tensor  # (S + 1,) int64 members per segment (0 for the spare)
+    entries: Tensor  # member laid out as the entries (:func:`_member_entries`)
 
 
 def _counts(level: Segments) -> _Counts:
     member = level.seg < level.num
     count = torch.zeros(level.num + 1, dtype=torch.int64, device=level.seg.device)
-    return _Counts(member, count.scatter_add(0, level.seg, member.to(torch.int64)))
+    count = count.scatter_add(0, level.seg, member.to(torch.int64))
+    return _Counts(member, count, _member_entries(member, level))
+
+
+def _member_entries(member: Tensor, level: Segments) -> Tensor:
+    """``member`` ``(M,)`` laid out as :func:`_entries` without the leading ``R``."""
+    return _entries(member.unsqueeze(0), level)[0] if _dense(level) else member
 
 
 def segment_sum(values: Tensor, level: Segments) -> Tensor:
@@ -106,7 +112,7 @@ def _entries(x: Tensor, level: Segments, fill: float = 0) -> Tensor:
     if isinstance(level.rows, int):
         return x.view(x.shape[0], level.num, level.rows)
     if level.rows is not None:
-        return torch.cat([x, x.new_full((x.shape[0], 1), fill)], 1)[:, level.rows[: level.num]]
+        return torch.cat([x, x.new_full((x.shape[0], 1), fill)], 1)[:, level.rows]
     return x if level.copies == 1 else x.repeat(1, level.copies)
 
 
@@ -120,7 +126,7 @@ def _to_pixels(values: Tensor, level: Segments, shape: torch.Size) -> Tensor:
     ``shape``) back to their pixels, summed: ``shape``, ``(R, N)`` or ``(N,)``."""
     if torch.is_tensor(level.rows):  # rows of pixels padded with N: the padding lands in a dropped column
         out = values.new_zeros(*shape[:-1], shape[-1] + 1)
-        return out.index_add(len(shape) - 1, level.rows[: level.num].reshape(-1), values.reshape(*shape[:-1], -1))[..., :-1]
+        return out.index_add(len(shape) - 1, level.rows.reshape(-1), values.reshape(*shape[:-1], -1))[..., :-1]
     if level.copies > 1:
         return values.view(*shape[:-1], level.copies, shape[-1]).sum(-2)
     return values.reshape(shape)
@@ -140,7 +146,7 @@ def _median_pixels(
         column = torch.nanmedian(_entries(torch.where(c.member, x, float("nan")), level, float("nan")), dim=2).indices
         if isinstance(level.rows, int):
             return torch.nn.functional.pad(torch.arange(0, N, level.rows, device=x.device) + column, (0, 1))
-        pixel = level.rows[: level.num].gather(1, column.T).T  # (the padding's N for an empty cell)
+        pixel = level.rows.gather(1, column.T).T  # (the padding's N for an empty cell)
         return torch.nn.functional.pad(pixel.clamp(max=N - 1), (0, 1))
     return torch.stack([_sorted_median_pixels(key, level, c) for key in keys])
 
@@ -174,8 +180,7 @@ def _statistics(x: Tensor, level: Segments, c: _Counts, median: Tensor) -> tuple
     members, laid out as :func:`_entries`), and per segment ``t`` and ``s + eps``
     (``(R, S + 1)``)."""
     t = torch.where(c.count > 0, x.gather(1, median), 0)
-    member = _entries(c.member.unsqueeze(0), level) if _dense(level) else c.member
-    centered = torch.where(member, _entries(x, level) - _spread(t, level), 0)  # no NaN reaches the spare
+    centered = torch.where(c.entries, _entries(x, level) - _spread(t, level), 0)  # no NaN reaches the spare
     denominator = (segment_sum(centered.abs(), level) / (c.count + 1)).to(x.dtype) + EPS
     return centered, t, denominator
 
@@ -206,7 +211,7 @@ class _LevelLoss(torch.autograd.Function):
         x = torch.stack([p, g])
         median = _median_pixels(x, level, c, target_median, keys)
         centered, t, den = _statistics(x, level, c, median)
-        member = _entries(c.member.unsqueeze(0), level)[0] if _dense(level) else c.member
+        member = c.entries
         normalized = centered / _spread(den, level)
         diff = torch.where(member, torch.sub(*normalized), 0)  # (a row's NaN stays in its segment)
         sign = torch.sign(diff).to(torch.int8)  # 0 off the members
@@ -224,7 +229,7 @@ class _LevelLoss(torch.autograd.Function):
         p, g, seg, row_tensor, sign, count, t, den, median = ctx.saved_tensors
         level = Segments(seg, ctx.num, ctx.copies, ctx.rows if row_tensor is None else row_tensor)
         x = torch.stack([p, g])
-        member = _entries((seg < ctx.num).unsqueeze(0), level) if _dense(level) else seg < ctx.num
+        member = _member_entries(seg < ctx.num, level)
         centered = torch.where(member, _entries(x, level) - _spread(t, level), 0)
         upstream = _entries(grad_loss.unsqueeze(0), level)[0] * sign
         a = torch.stack([upstream, -upstream])  # d loss / d (p_hat, g_hat) per entry
