@@ -118,18 +118,14 @@ def host_syncs(device: str) -> dict:
     return out
 
 
-def _time(fn, pred0, target, device: str, repeats: int) -> float:
-    def step():
-        pred = pred0.clone().requires_grad_(True)
-        fn(pred, target).backward()
-        _sync(device)
-
+def _time(fn, pred0, target, repeats: int) -> float:
+    """Median ms of ``repeats`` forward + backward calls (bench's step: synchronised), after two."""
     for _ in range(2):
-        step()
+        bench._step(fn, pred0, target)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        step()
+        bench._step(fn, pred0, target)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
@@ -158,7 +154,7 @@ def speed(device: str, quick: bool) -> dict:
             if not quick:
                 fns["compiled"] = bench.loss_function("compiled", kind, levels)
             fns["baseline"] = bench.loss_function("nanmedian" if kind == "ssi" else "mask", kind, levels)
-            row = {name: _time(fn, pred, target, device, 1 if name == "baseline" and kind == "ds" else repeats)
+            row = {name: _time(fn, pred, target, 1 if name == "baseline" and kind == "ds" else repeats)
                    for name, fn in fns.items()}
             row["speedup"] = row["baseline"] / row["hdn"]
             row["peak_mib"] = _peak_mib(fns["hdn"], pred, target, device)
@@ -168,7 +164,7 @@ def speed(device: str, quick: bool) -> dict:
     for b, s in [(2, 64), (4, 128)] if quick else [(8, 256), (8, 512), (8, 1024), (32, 384)]:
         pred, target = bench.make_inputs("loguniform", b, s, device)
         scaling[f"B={b}, {s}x{s}"] = {
-            kind: _time(bench.loss_function("hdn", kind, levels), pred, target, device, repeats)
+            kind: _time(bench.loss_function("hdn", kind, levels), pred, target, repeats)
             for kind in ("ssi", "dr", "dp", "ds")
         }
     return {"config": {"batch": batch, "size": size, "levels": levels}, "scenes": out, "scaling_ms": scaling}

@@ -78,7 +78,7 @@ def _engine_loss(
     pixels that both the inputs and the contexts allow, every level's segments."""
     dtype = stats_dtype(p, g)
     valid = valid if valid is contexts.valid else valid & contexts.valid
-    levels = [contexts.segments(level) for level in range(contexts.num_levels)]
+    levels = (contexts.segments(level) for level in range(contexts.num_levels))  # (made on use)
     p, g = (x if x.dtype == dtype else x.to(dtype) for x in (p, g))
     return contexts_ssi_loss(
         p.reshape(-1),

@@ -11,7 +11,7 @@ autograd's float tensors. Every shape follows from the inputs' shapes: no host s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -250,7 +250,7 @@ def contexts_ssi_loss(
     p: Tensor,
     g: Tensor,
     valid: Tensor,
-    levels: Sequence[Segments],
+    levels: Iterable[Segments],
     batch: int,
     *,
     pooled: bool = False,
