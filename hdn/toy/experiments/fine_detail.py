@@ -73,6 +73,7 @@ scale fit. Attempt 2 changes only what the pilots showed necessary:
 from __future__ import annotations
 
 import argparse
+import base64
 import fcntl
 import json
 import math
@@ -103,7 +104,10 @@ __all__ = [
     "bootstrap_interval",
     "calibration_ladder",
     "complete_seeds",
+    "decode_float16",
+    "encode_float16",
     "interior_labels",
+    "kept_predictions",
     "load_rows",
     "main",
     "make_arm_loss",
@@ -145,7 +149,14 @@ _T975 = (
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One run of the sweep (plain values, so that it round-trips through JSON)."""
+    """One run of the sweep (plain values, so that it round-trips through JSON).
+
+    ``log_steps``: how many times the gradient share of the near interiors is logged.
+    ``curve_points`` (0: none): how many times, evenly spaced, the training curve is logged
+    (the mean training loss since the last point and the test set's plane-aligned relief
+    error). ``kept_scenes`` (0: none): the predictions of the first ``kept_scenes`` test scenes
+    are kept in the row, as float16 (:func:`kept_predictions` reads them back).
+    """
 
     arm: str = "ssi"
     seed: int = 0
@@ -160,6 +171,8 @@ class RunConfig:
     log_steps: int = 4
     tilt: float = 0.01
     disparity_fraction: float = 0.0
+    curve_points: int = 0
+    kept_scenes: int = 0
 
     def __post_init__(self) -> None:
         if self.arm not in ARMS:
@@ -174,9 +187,11 @@ class RunConfig:
             "levels",
             "test_scenes",
             "log_steps",
+            "curve_points",
+            "kept_scenes",
         ):
             value = getattr(self, name)
-            low = 0 if name in ("seed", "steps") else 1
+            low = 0 if name in ("seed", "steps", "curve_points", "kept_scenes") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Invalid {name}: we expect an int >= {low}. Got: {value!r}.")
         if self.size % 8:
@@ -193,6 +208,11 @@ class RunConfig:
             raise ValueError(
                 f"Invalid disparity_fraction: we expect a number in [0, 1]. Got: {frac!r}."
             )
+        if self.kept_scenes > self.test_scenes:
+            raise ValueError(
+                f"Invalid kept_scenes: we expect at most test_scenes ({self.test_scenes}). "
+                f"Got: {self.kept_scenes}."
+            )
 
     @property
     def metric_space(self) -> str:
@@ -202,12 +222,13 @@ class RunConfig:
     def key(self) -> str:
         """Identifies the run in the results file (every option that changes what it computes).
 
-        ``disparity_fraction`` is left out at its default 0, so that rows written before the
-        option existed keep their keys.
+        ``disparity_fraction``, ``curve_points`` and ``kept_scenes`` are left out at their
+        default 0, so that rows written before the options existed keep their keys.
         """
         fields = asdict(self)
-        if fields["disparity_fraction"] == 0:
-            del fields["disparity_fraction"]
+        for name in ("disparity_fraction", "curve_points", "kept_scenes"):
+            if fields[name] == 0:
+                del fields[name]
         return json.dumps(fields, sort_keys=True)
 
 
@@ -315,6 +336,52 @@ def _interior_share(grad: Tensor, inner: Tensor) -> tuple[float, float]:
     return grad_share, float(inner.double().mean())
 
 
+def _predict(model: torch.nn.Module, test: dict[str, Tensor]) -> Tensor:
+    """The model's predictions ``(N, 1, H, W)`` of the test scenes, in eval mode, 64 at a time."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        rgb = test["rgb"]
+        pred = torch.cat([model(rgb[i : i + 64]) for i in range(0, rgb.shape[0], 64)])
+    model.train(was_training)
+    return pred
+
+
+def _test_relief(model: torch.nn.Module, test: dict[str, Tensor]) -> float:
+    """The primary metric (plane-aligned relief error, mean over the test scenes) of ``model``."""
+    per_scene = relief_error(_predict(model, test), test["depth"], test["near"], sigma=SIGMA,
+                             erode=ERODE, align="plane", reduction="none")  # fmt: skip
+    return float(per_scene[~torch.isnan(per_scene)].mean())
+
+
+def encode_float16(x: Tensor) -> dict:
+    """``x`` as float16 in a JSON-ready dict (``shape``, base64 ``data``); :func:`decode_float16`
+    reads it back.
+
+    Examples:
+        >>> decode_float16(encode_float16(torch.tensor([[1.5, -2.0]])))
+        array([[ 1.5, -2. ]], dtype=float16)
+    """
+    a = x.detach().cpu().to(torch.float16).numpy()
+    return {"dtype": "float16", "shape": list(a.shape),
+            "data": base64.b64encode(a.astype("<f2").tobytes()).decode("ascii")}  # fmt: skip
+
+
+def decode_float16(entry: dict) -> np.ndarray:
+    """The array of :func:`encode_float16`'s ``entry``."""
+    if entry.get("dtype") != "float16":
+        raise ValueError(f"Invalid entry: we expect dtype 'float16'. Got: {entry.get('dtype')!r}.")
+    data = np.frombuffer(base64.b64decode(entry["data"]), dtype="<f2")
+    return data.reshape(entry["shape"]).astype(np.float16)
+
+
+def kept_predictions(row: dict) -> np.ndarray:
+    """The predictions ``(kept_scenes, H, W)`` float16 a row kept of the first test scenes."""
+    if "predictions" not in row:
+        raise ValueError("Invalid row: it kept no predictions (kept_scenes was 0).")
+    return decode_float16(row["predictions"])
+
+
 def run(config: RunConfig, progress: Iterable | None = None) -> dict:
     """Train and evaluate one run; returns its JSON row (see the module docstring)."""
     wall = time.perf_counter()
@@ -344,7 +411,10 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
                 ),
             }
         )
-        shares, history = [], []
+        curve_at = {round(config.steps * k / config.curve_points)
+                    for k in range(1, config.curve_points + 1)}  # fmt: skip
+        test = make_test_set(config)
+        shares, history, curve = [], [], []
         start = time.perf_counter()
         for step in range(config.steps):
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
@@ -362,19 +432,19 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
             optimizer.step()
             schedule.step()
             history.append(float(loss.detach()))
+            if step + 1 in curve_at:
+                since = history[curve[-1]["step"] if curve else 0 :]
+                curve.append({"step": step + 1, "loss": float(np.mean(since)),
+                              "relief_error_plane": _test_relief(model, test)})  # fmt: skip
         train_time = time.perf_counter() - start
-        model.eval()
-        test = make_test_set(config)
-        with torch.no_grad():
-            pred = torch.cat(
-                [model(test["rgb"][i : i + 64]) for i in range(0, config.test_scenes, 64)]
-            )
+        pred = _predict(model, test)
     depth, near = test["depth"], test["near"]
     per_scene = relief_error(pred, depth, near, sigma=SIGMA, erode=ERODE, reduction="none")
     zs = zero_shot_metrics(pred, depth, None, space=config.metric_space)
     per_scene_plane = relief_error(
         pred, depth, near, sigma=SIGMA, erode=ERODE, align="plane", reduction="none"
     )
+    kept = {"predictions": encode_float16(pred[: config.kept_scenes, 0])}
     metrics = {
         "relief_error": float(per_scene[~torch.isnan(per_scene)].mean()),
         "relief_error_plane": float(per_scene_plane[~torch.isnan(per_scene_plane)].mean()),
@@ -392,6 +462,8 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
         "relief_per_scene": [round(float(v), 6) for v in per_scene],
         "relief_plane_per_scene": [round(float(v), 6) for v in per_scene_plane],
         "grad_share": shares,
+        **({"curve": curve} if config.curve_points else {}),
+        **(kept if config.kept_scenes else {}),
         "train_time_s": round(train_time, 2),
         "wall_time_s": round(time.perf_counter() - wall, 2),
         "torch": torch.__version__,
