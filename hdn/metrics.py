@@ -10,7 +10,7 @@ is already aligned; :func:`zero_shot_metrics` runs the whole protocol.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ __all__ = [
     "delta_accuracy",
     "fine_detail_error",
     "relief_error",
+    "relief_maps",
     "rmse",
     "zero_shot_metrics",
 ]
@@ -467,6 +468,96 @@ def _high_pass(y: Tensor, region: Tensor, sigma: float) -> Tensor:
     return torch.where(region, y - _blur_within(y, region, sigma), 0.0)
 
 
+class _ReliefTerms(NamedTuple):
+    """Per object ``k`` of :func:`_relief_terms`: its image ``owner[k]``, interior ``region[k]``
+    ``(H, W)``, scale ``scale[k]``, high-passed prediction ``hp[k]`` and target ``hg[k]``,
+    error ``error[k]`` and whether it has relief; ``owner`` is None when there is no object."""
+
+    batch: int
+    shape: tuple[int, int]
+    device: torch.device
+    owner: Tensor | None = None
+    region: Tensor | None = None
+    scale: Tensor | None = None
+    hp: Tensor | None = None
+    hg: Tensor | None = None
+    error: Tensor | None = None
+    has_relief: Tensor | None = None
+
+
+def _relief_terms(pred, target, near, mask, sigma, erode, min_pixels, align) -> _ReliefTerms:
+    """The checked inputs of :func:`relief_error` and its per-object terms (float64)."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+        raise ValueError(f"Invalid sigma: we expect a number > 0. Got: {sigma!r}.")
+    for name, value, low in (("erode", erode, 0), ("min_pixels", min_pixels, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"Invalid {name}: we expect an int >= {low}. Got: {value!r}.")
+    if align not in ("plane", "affine"):
+        raise ValueError(f"Invalid align: we expect 'plane' or 'affine'. Got: {align!r}.")
+    if not isinstance(pred, Tensor) or pred.dim() not in (3, 4) or (pred.dim() == 4 and pred.shape[1] != 1):
+        got = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
+        raise ValueError(f"Invalid pred shape, we expect (B, 1, H, W) or (B, H, W). Got: {got}")
+    shape = pred.shape[-2:]
+    B = pred.shape[0]
+
+    def bhw(x: Tensor | None, name: str) -> Tensor | None:
+        if x is None:
+            return None
+        if not isinstance(x, Tensor) or x.numel() != B * shape[0] * shape[1]:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"Invalid {name} shape, we expect that of pred {tuple(pred.shape)}. Got: {got}")
+        return x.reshape(B, *shape)
+
+    p = bhw(pred, "pred").detach().double()
+    g = bhw(target, "target").detach().double()
+    near_b = bhw(near, "near")
+    if near_b.dtype != torch.bool:
+        raise ValueError(f"Invalid near: we expect a bool tensor. Got: {near_b.dtype}.")
+    valid = torch.isfinite(g) & torch.isfinite(p)
+    m = bhw(mask, "mask")
+    if m is not None:
+        valid = valid & m.bool()
+    labels = _erode_labels(_components(near_b & valid), erode)
+    regions, owners = [], []
+    for b in range(B):
+        for k in range(int(labels[b].max()) + 1):
+            region = labels[b] == k
+            if int(region.sum()) >= min_pixels:
+                regions.append(region)
+                owners.append(b)
+    if regions:
+        region = torch.stack(regions)
+        owner = torch.tensor(owners, device=p.device)
+        pk = torch.where(region, p[owner], 0.0)
+        gk = torch.where(region, g[owner], 0.0)
+        w = region.double()
+        n = w.sum(dim=(1, 2))
+        mp = pk.sum(dim=(1, 2)) / n
+        mg = gk.sum(dim=(1, 2)) / n
+        yp = torch.where(region, _detrend(pk, region), 0.0)
+        yg = torch.where(region, _detrend(gk, region), 0.0)
+        if align == "plane":
+            dp, dg = yp, yg
+        else:
+            dp = torch.where(region, pk - mp[:, None, None], 0.0)
+            dg = torch.where(region, gk - mg[:, None, None], 0.0)
+        var = (dp * dp).sum(dim=(1, 2))
+        cov = (dp * dg).sum(dim=(1, 2))
+        # Flat: nothing but a plane, up to float32 rounding (1e-6 of the values' size).
+        flat = yp.square().sum(dim=(1, 2)) <= 1e-12 * pk.square().sum(dim=(1, 2))
+        s = torch.where(flat, 0.0, cov / torch.where(flat, 1.0, var))
+        hp = _high_pass(yp, region, float(sigma))
+        hg = _high_pass(yg, region, float(sigma))
+        res = torch.where(region, s[:, None, None] * hp - hg, 0.0)
+        ref = torch.where(region, hg, 0.0)
+        num = res.square().sum(dim=(1, 2)).sqrt()
+        den = ref.square().sum(dim=(1, 2)).sqrt()
+        has_relief = den > 1e-12 * (mg.abs() + 1) * n.sqrt()
+        e = num / torch.where(has_relief, den, 1.0)
+        return _ReliefTerms(B, shape, p.device, owner, region, s, hp, hg, e, has_relief)
+    return _ReliefTerms(B, shape, p.device)
+
+
 def relief_error(
     pred: Tensor,
     target: Tensor,
@@ -542,81 +633,60 @@ def relief_error(
         >>> float(relief_error(torch.ones(1, 16, 16), g[None], near))
         1.0
     """
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
-        raise ValueError(f"Invalid sigma: we expect a number > 0. Got: {sigma!r}.")
-    for name, value, low in (("erode", erode, 0), ("min_pixels", min_pixels, 2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"Invalid {name}: we expect an int >= {low}. Got: {value!r}.")
     if reduction not in ("mean", "none"):
         raise ValueError(f"Invalid reduction: we expect 'mean' or 'none'. Got: {reduction!r}.")
-    if align not in ("plane", "affine"):
-        raise ValueError(f"Invalid align: we expect 'plane' or 'affine'. Got: {align!r}.")
-    if not isinstance(pred, Tensor) or pred.dim() not in (3, 4) or (pred.dim() == 4 and pred.shape[1] != 1):
-        got = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
-        raise ValueError(f"Invalid pred shape, we expect (B, 1, H, W) or (B, H, W). Got: {got}")
-    shape = pred.shape[-2:]
-    B = pred.shape[0]
-
-    def bhw(x: Tensor | None, name: str) -> Tensor | None:
-        if x is None:
-            return None
-        if not isinstance(x, Tensor) or x.numel() != B * shape[0] * shape[1]:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"Invalid {name} shape, we expect that of pred {tuple(pred.shape)}. Got: {got}")
-        return x.reshape(B, *shape)
-
-    p = bhw(pred, "pred").detach().double()
-    g = bhw(target, "target").detach().double()
-    near_b = bhw(near, "near")
-    if near_b.dtype != torch.bool:
-        raise ValueError(f"Invalid near: we expect a bool tensor. Got: {near_b.dtype}.")
-    valid = torch.isfinite(g) & torch.isfinite(p)
-    m = bhw(mask, "mask")
-    if m is not None:
-        valid = valid & m.bool()
-    labels = _erode_labels(_components(near_b & valid), erode)
-    errors = torch.full((B,), math.nan, dtype=torch.float64, device=p.device)
-    regions, owners = [], []
-    for b in range(B):
-        for k in range(int(labels[b].max()) + 1):
-            region = labels[b] == k
-            if int(region.sum()) >= min_pixels:
-                regions.append(region)
-                owners.append(b)
-    if regions:
-        region = torch.stack(regions)
-        owner = torch.tensor(owners, device=p.device)
-        pk = torch.where(region, p[owner], 0.0)
-        gk = torch.where(region, g[owner], 0.0)
-        w = region.double()
-        n = w.sum(dim=(1, 2))
-        mp = pk.sum(dim=(1, 2)) / n
-        mg = gk.sum(dim=(1, 2)) / n
-        yp = torch.where(region, _detrend(pk, region), 0.0)
-        yg = torch.where(region, _detrend(gk, region), 0.0)
-        if align == "plane":
-            dp, dg = yp, yg
-        else:
-            dp = torch.where(region, pk - mp[:, None, None], 0.0)
-            dg = torch.where(region, gk - mg[:, None, None], 0.0)
-        var = (dp * dp).sum(dim=(1, 2))
-        cov = (dp * dg).sum(dim=(1, 2))
-        # Flat: nothing but a plane, up to float32 rounding (1e-6 of the values' size).
-        flat = yp.square().sum(dim=(1, 2)) <= 1e-12 * pk.square().sum(dim=(1, 2))
-        s = torch.where(flat, 0.0, cov / torch.where(flat, 1.0, var))
-        hp = _high_pass(yp, region, float(sigma))
-        hg = _high_pass(yg, region, float(sigma))
-        res = torch.where(region, s[:, None, None] * hp - hg, 0.0)
-        ref = torch.where(region, hg, 0.0)
-        num = res.square().sum(dim=(1, 2)).sqrt()
-        den = ref.square().sum(dim=(1, 2)).sqrt()
-        has_relief = den > 1e-12 * (mg.abs() + 1) * n.sqrt()
-        e = num / torch.where(has_relief, den, 1.0)
+    terms = _relief_terms(pred, target, near, mask, sigma, erode, min_pixels, align)
+    B = terms.batch
+    errors = torch.full((B,), math.nan, dtype=torch.float64, device=terms.device)
+    if terms.owner is not None:
         for b in range(B):
-            sel = (owner == b) & has_relief
+            sel = (terms.owner == b) & terms.has_relief
             if bool(sel.any()):
-                errors[b] = e[sel].mean()
+                errors[b] = terms.error[sel].mean()
     if reduction == "none":
         return errors
     used = ~torch.isnan(errors)
     return errors[used].mean() if bool(used.any()) else torch.tensor(math.nan, dtype=torch.float64)
+
+
+def relief_maps(
+    pred: Tensor,
+    target: Tensor,
+    near: Tensor,
+    mask: Tensor | None = None,
+    *,
+    sigma: float = 2.0,
+    erode: int = 2,
+    min_pixels: int = 9,
+    align: Literal["affine", "plane"] = "plane",
+) -> dict[str, Tensor]:
+    r"""The per-pixel relief that :func:`relief_error` compares, for figures.
+
+    Inside every object interior :math:`E_o`: the target's high-pass relief :math:`h(g)` and
+    the prediction's, scaled as :func:`relief_error` scales it, :math:`s_o\, h(p)`; 0 outside
+    the interiors. :func:`relief_error` is the norm of their difference relative to that of
+    :math:`h(g)`, per object. The arguments are those of :func:`relief_error` (``align``
+    defaults to ``"plane"`` here, the alignment that ignores each object's tilt).
+
+    Returns:
+        ``{"target": h(g), "pred": s h(p)}`` float64 and ``"interior"`` bool, each
+        ``(B, H, W)``.
+
+    Examples:
+        >>> y, x = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+        >>> g = (2.0 + 0.05 * torch.sin(x) * torch.cos(y))[None].double()
+        >>> maps = relief_maps(3 * g - 1, g, torch.ones(1, 16, 16, dtype=torch.bool))
+        >>> bool(torch.allclose(maps["pred"], maps["target"])), int(maps["interior"].sum())
+        (True, 144)
+    """
+    terms = _relief_terms(pred, target, near, mask, sigma, erode, min_pixels, align)
+    B, (H, W) = terms.batch, terms.shape
+    out = {name: torch.zeros(B, H, W, dtype=torch.float64, device=terms.device)
+           for name in ("target", "pred")}  # fmt: skip
+    interior = torch.zeros(B, H, W, dtype=torch.bool, device=terms.device)
+    if terms.owner is not None:  # the interiors are disjoint: a sum per image places each one
+        out["target"].index_add_(0, terms.owner, torch.where(terms.region, terms.hg, 0.0))
+        scaled = torch.where(terms.region, terms.scale[:, None, None] * terms.hp, 0.0)
+        out["pred"].index_add_(0, terms.owner, scaled)
+        interior.index_put_((terms.owner,), terms.region, accumulate=True)
+    return {**out, "interior": interior}

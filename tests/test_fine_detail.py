@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hdn.metrics import relief_error
+from hdn.metrics import relief_error, relief_maps
 from hdn.toy.experiments import fine_detail as fd
 from hdn.toy.relief import make_relief_batch, make_relief_scene
 
@@ -330,3 +330,26 @@ def test_complete_seeds_keep_only_seeds_with_every_arm():
     assert fd.complete_seeds(rows, ("ssi", "hdn-dr")) == [0, 1, 2]
     assert fd.complete_seeds(rows[:-1], ("ssi", "hdn-dr")) == [0, 1]
     assert fd.complete_seeds(rows, ("ssi", "hdn-ds")) == []
+
+
+def test_relief_maps_are_what_relief_error_compares(batch):
+    d, near = batch["depth"].double(), batch["near"]
+    noisy = d + 0.01 * torch.randn(d.shape, generator=torch.Generator().manual_seed(3)).double()
+    maps = relief_maps(noisy, d, near)
+    assert maps["target"].shape == (12, 32, 32) and maps["interior"].dtype == torch.bool
+    assert not maps["target"][~maps["interior"]].any() and not maps["pred"][~maps["interior"]].any()
+    # Two objects, left and right: the image's error is the mean of their relative residuals.
+    y, x = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")
+    g = (3.0 + 0.05 * torch.sin(1.3 * x) * torch.cos(0.9 * y)).double()[None]
+    two = torch.zeros(1, 24, 24, dtype=torch.bool)
+    two[:, 2:22, 1:11] = True
+    two[:, 2:22, 13:23] = True
+    p = g + 0.02 * torch.cos(2.1 * x).double()[None]
+    m = relief_maps(p, g, two)
+    parts = []
+    for half in (slice(0, 12), slice(12, 24)):
+        res = (m["pred"] - m["target"])[..., half].norm()
+        parts.append(float(res / m["target"][..., half].norm()))
+    expected = float(relief_error(p, g, two, align="plane"))
+    assert np.mean(parts) == pytest.approx(expected, rel=1e-9)
+    assert float(relief_error(p, g, two)) != pytest.approx(expected, rel=1e-6)  # "affine" differs
