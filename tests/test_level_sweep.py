@@ -107,3 +107,14 @@ def test_cli_runs_its_shard_resumes_and_finds_rows(tmp_path, monkeypatch):
     assert ls.main(argv) == []  # resumable: nothing left to run
     with pytest.raises(ValueError, match="shard"):
         ls.main(["--shard", "3/2", "--out", str(out)])
+
+
+def test_run_calls_back_every_step_with_the_curve_points_and_records_its_device():
+    calls = []
+    config = fd.RunConfig(arm="ssi", levels=1, curve_points=2, **{**TINY, "steps": 3})
+    row = fd.run(config, device="cpu", callback=lambda *args: calls.append(args))
+    assert [c[0] for c in calls] == [1, 2, 3]
+    assert all(np.isfinite(c[1]) for c in calls)
+    points = [c[2] for c in calls]
+    assert points[0] is None and points[1:] == row["curve"]  # curve at steps round(3/2) = 2 and 3
+    assert row["device"] == "cpu"

@@ -81,7 +81,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -382,8 +382,23 @@ def kept_predictions(row: dict) -> np.ndarray:
     return decode_float16(row["predictions"])
 
 
-def run(config: RunConfig, progress: Iterable | None = None) -> dict:
-    """Train and evaluate one run; returns its JSON row (see the module docstring)."""
+def run(
+    config: RunConfig,
+    *,
+    device: str | torch.device = "cpu",
+    callback: Callable[[int, float, dict | None], None] | None = None,
+) -> dict:
+    """Train and evaluate one run; returns its JSON row (see the module docstring).
+
+    Args:
+        config: the run.
+        device: where to train and evaluate (``"cuda"`` where present is faster); the row
+            records it. Runs on another device agree with the CPU's up to rounding, not bitwise.
+        callback: called after every step as ``callback(step, loss, point)`` with the step
+            (1-based), its training loss and the new training-curve point (``curve_points``),
+            or None when none was logged at that step; for live progress.
+    """
+    device = torch.device(device)
     wall = time.perf_counter()
     commit, dirty = git_state()  # (at the start: the code that runs)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -395,7 +410,8 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
             disparity_fraction=config.disparity_fraction,
             tilt=config.tilt,
         )
-        model = UNet(base=config.base)
+        pool = {k: v.to(device) for k, v in pool.items()}
+        model = UNet(base=config.base).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -413,12 +429,12 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
         )
         curve_at = {round(config.steps * k / config.curve_points)
                     for k in range(1, config.curve_points + 1)}  # fmt: skip
-        test = make_test_set(config)
+        test = {k: v.to(device) for k, v in make_test_set(config).items()}
         shares, history, curve = [], [], []
         start = time.perf_counter()
         for step in range(config.steps):
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            index = torch.randint(0, config.pool, (config.batch_size,), generator=gen)
+            index = torch.randint(0, config.pool, (config.batch_size,), generator=gen).to(device)
             rgb, gt, labels = pool["rgb"][index], pool["gt"][index], pool["labels"][index]
             pred = model(rgb)
             pred.retain_grad()
@@ -436,8 +452,12 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
                 since = history[curve[-1]["step"] if curve else 0 :]
                 curve.append({"step": step + 1, "loss": float(np.mean(since)),
                               "relief_error_plane": _test_relief(model, test)})  # fmt: skip
+            if callback is not None:
+                point = curve[-1] if curve and curve[-1]["step"] == step + 1 else None
+                callback(step + 1, history[-1], point)
         train_time = time.perf_counter() - start
-        pred = _predict(model, test)
+        pred = _predict(model, test).cpu()
+    test = {k: v.cpu() for k, v in test.items()}
     depth, near = test["depth"], test["near"]
     per_scene = relief_error(pred, depth, near, sigma=SIGMA, erode=ERODE, reduction="none")
     zs = zero_shot_metrics(pred, depth, None, space=config.metric_space)
@@ -469,7 +489,7 @@ def run(config: RunConfig, progress: Iterable | None = None) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "host": platform.node(),
-        "device": "cpu",
+        "device": str(device),
         "git_commit": commit,
         "git_dirty": dirty,
         "started_utc": started,
