@@ -37,7 +37,9 @@ def test_arm_config_maps_level_one_of_every_kind_to_the_same_ssi_run():
     assert ls.arm_config("ds", 4, 2).arm == "hdn-ds" and ls.arm_config("ds", 4, 2).levels == 4
 
 
-@pytest.mark.parametrize("kind, level, word", [("xx", 2, "kind"), ("dr", 5, "level"), ("dr", 0, "level")])
+@pytest.mark.parametrize(
+    "kind, level, word", [("xx", 2, "kind"), ("dr", 5, "level"), ("dr", 0, "level")]
+)
 def test_arm_config_rejects_unknown_positions(kind, level, word):
     with pytest.raises(ValueError, match=word):
         ls.arm_config(kind, level, 0)
