@@ -27,7 +27,7 @@ def test_plan_has_every_slider_position_once_per_seed_and_ssi_at_level_one():
     # seed by seed, so that an interrupted sweep leaves whole seeds
     assert [c.seed for c in plan] == sorted(c.seed for c in plan)
     for c in plan:
-        assert (c.steps, c.curve_points, c.kept_scenes) == (6000, 20, 4)
+        assert (c.steps, c.curve_points, c.kept_scenes) == (3000, 20, 4)
         assert (c.pool, c.batch_size, c.tilt) == (4096, 12, 0.002)  # attempt 2's setting
 
 

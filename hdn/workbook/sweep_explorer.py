@@ -36,7 +36,18 @@ from hdn.workbook._live import LiveFigure, masked_map, one_torch_thread, png_mes
 from hdn.workbook.plotting import _CONTEXT_COLOURS, NONE_COLOR, draw_grid, show_contexts, show_map
 from hdn.workbook.training_explorer import CONTEXT_TITLES
 
-__all__ = ["ALL_SEEDS", "LEVEL_COLOURS", "SweepData", "SweepExplorer", "train_live"]
+__all__ = [
+    "ALL_SEEDS",
+    "LEVEL_COLOURS",
+    "SUMMARY_COLUMNS",
+    "SweepData",
+    "SweepExplorer",
+    "train_live",
+]
+
+SUMMARY_COLUMNS = ("relief", "low", "high", "vs SSI", "low", "high", "AbsRel", "delta1",
+                   "grad share", "pixel share")  # fmt: skip
+"""Headers of :meth:`SweepData.summary`'s columns."""
 
 ALL_SEEDS = "all seeds"
 """The seed control's value that averages the curves over the seeds."""
@@ -117,6 +128,38 @@ class SweepData:
     ) -> tuple[float, float, float]:
         """``(mean, low, high)``: a metric's mean over the seeds and its 95 % t-interval."""
         return _fd.paired_t_interval(self.metric(kind, level, name))
+
+    def paired(
+        self, kind: str | None, level: int, name: str = "relief_error_plane"
+    ) -> tuple[float, float, float]:
+        """``(mean, low, high)`` of a metric's paired difference to SSI (L = 1) over the seeds,
+        with its 95 % t-interval (notebook 06's evidence standard)."""
+        ssi = self.metric("dr", 1, name)
+        return _fd.paired_t_interval([x - y for x, y in zip(self.metric(kind, level, name), ssi)])
+
+    def summary(self) -> dict[str, list[float]]:
+        """One row per position (SSI, kind and L, the control): the relief error's mean and
+        95 % interval over the seeds, its paired difference to SSI with interval, the means of
+        AbsRel and delta_1, and the near interiors' share of the gradient at the last logged
+        step next to their share of the pixels."""
+        out = {}
+        positions = [("SSI (L = 1)", "dr", 1)]
+        positions += [
+            (f"{k.upper()}, L = {lv}", k, lv) for k in _sweep.KINDS for lv in _sweep.LEVELS[1:]
+        ]
+        positions += [("control (object)", None, 1)]
+        for label, kind, level in positions:
+            mean, low, high = self.interval(kind, level)
+            diff = self.paired(kind, level) if (kind, level) != ("dr", 1) else (0.0, 0.0, 0.0)
+            shares = [self.row(kind, level, s)["grad_share"][-1] for s in self.seeds]
+            out[label] = [
+                mean, low, high, *diff,
+                float(np.mean(self.metric(kind, level, "abs_rel"))),
+                float(np.mean(self.metric(kind, level, "delta1"))),
+                float(np.mean([g["near_interior_grad_share"] for g in shares])),
+                float(np.mean([g["near_interior_pixel_share"] for g in shares])),
+            ]  # fmt: skip
+        return out
 
     def prediction(self, kind: str | None, level: int, seed: int, scene: int) -> Tensor:
         """A kept test prediction ``(H, W)``, aligned to the scene's depth by least squares."""
