@@ -353,3 +353,43 @@ def test_relief_maps_are_what_relief_error_compares(batch):
     expected = float(relief_error(p, g, two, align="plane"))
     assert np.mean(parts) == pytest.approx(expected, rel=1e-9)
     assert float(relief_error(p, g, two)) != pytest.approx(expected, rel=1e-6)  # "affine" differs
+
+
+def test_far_background_is_the_default_and_keys_stay_as_before():
+    assert fd.RunConfig().background == "far" and "background" not in fd.RunConfig().key()
+    assert json.loads(fd.RunConfig(background="ground").key())["background"] == "ground"
+    with pytest.raises(ValueError, match="background"):
+        fd.RunConfig(background="sky")
+    with pytest.raises(ValueError, match="background"):
+        make_relief_scene(0, background="sky")
+
+
+@pytest.mark.parametrize(
+    "background, gap_low, gap_high",
+    [("far", 14.0, 60.0), ("mid", 4.0, 14.0), ("close", 0.0, 4.6)],
+)
+def test_backgrounds_set_the_depth_gap_behind_the_objects(background, gap_low, gap_high):
+    for i in range(40):
+        s = make_relief_scene((3, i), 32, tilt=0.002, background=background)
+        gap = s.depth[~s.near].min() - s.depth[s.near].max()
+        assert gap_low <= gap <= gap_high, (i, gap)
+
+
+def test_ground_background_leaves_no_gap_and_keeps_the_objects():
+    for i in range(40):
+        far = make_relief_scene((3, i), 32, tilt=0.002)
+        s = make_relief_scene((3, i), 32, tilt=0.002, background="ground")
+        d, near = s.depth, s.near
+        # the ground runs from in front of the objects to far behind them ...
+        assert d[~near].min() < d[near].min() and d[~near].max() > 20
+        # ... and beside each object's base it has the object's depth (the object stands on it)
+        for k in range(int(s.labels.max()) + 1):
+            rows = np.nonzero((s.labels == k).any(axis=1))[0]
+            base = d[rows.max() + 1 if rows.max() + 1 < 32 else rows.max()][~near[rows.max()]]
+            z = s.smooth[s.labels == k].mean()
+            assert np.abs(base - z).min() < 0.35 * z, (i, k)
+        # the same seed draws the same objects (as many, at the same distances)
+        assert int(far.labels.max()) == int(s.labels.max())
+        for k in range(int(s.labels.max()) + 1):
+            z_far, z = far.smooth[far.labels == k].mean(), s.smooth[s.labels == k].mean()
+            assert z == pytest.approx(z_far, rel=0.05)

@@ -130,7 +130,7 @@ def test_train_live_trains_the_chosen_position_and_returns_its_curve():
 def test_summary_pairs_each_position_with_ssi_by_seed(rows):
     data = SweepData(rows)
     table = data.summary()
-    assert list(table)[0] == "SSI (L = 1)" and list(table)[-1] == "control (object)"
+    assert next(iter(table)) == "SSI (L = 1)" and list(table)[-1] == "control (object)"
     assert len(table) == 11 and all(len(v) == 10 for v in table.values())
     x, ssi = data.metric("dp", 4), data.metric("dr", 1)
     mean, low, high = fd.paired_t_interval([a - b for a, b in zip(x, ssi)])

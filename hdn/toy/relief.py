@@ -38,7 +38,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["LIGHT", "ReliefScene", "make_relief_batch", "make_relief_scene"]
+__all__ = ["BACKGROUNDS", "LIGHT", "ReliefScene", "make_relief_batch", "make_relief_scene"]
+
+#: What stands behind the near objects (1.5-3 m away), from isolated in depth to no gap at all:
+#: ``"far"`` a background 20-60 m away (notebook 06's attempts), ``"mid"`` 8-15 m, ``"close"``
+#: 3-6 m, just behind the objects, and ``"ground"``: no gap, the objects stand on a textured
+#: ground plane whose depth runs from about 1 m at the bottom of the image to 25-40 m at the
+#: top, so that the ground beside each object has the object's depth.
+BACKGROUNDS = ("far", "mid", "close", "ground")
+
+# Per background: bounds of the depth at the bottom row, at the top row, and the amplitude (m)
+# of the low-frequency undulation; "ground" uses the first two as the ground's depth at the
+# bottom and the top row and the third as a relative undulation.
+_BACKGROUND_DEPTHS = {
+    "far": ((20.0, 30.0), (40.0, 60.0), 3.0),
+    "mid": ((8.0, 10.0), (12.0, 15.0), 1.0),
+    "close": ((3.5, 4.5), (5.0, 6.0), 0.3),
+    "ground": ((0.9, 1.2), (25.0, 40.0), 0.02),
+}
 
 #: Direction towards the light in camera coordinates (x right, y down, z forward), unit length.
 LIGHT = np.array([-0.55, -0.6, -0.58]) / np.linalg.norm([-0.55, -0.6, -0.58])
@@ -108,7 +125,11 @@ def _seed_tuple(seed: SeedLike) -> tuple[int, ...]:
 
 
 def make_relief_scene(
-    seed: SeedLike, size: int = 32, disparity_fraction: float = 0.0, tilt: float = 0.01
+    seed: SeedLike,
+    size: int = 32,
+    disparity_fraction: float = 0.0,
+    tilt: float = 0.01,
+    background: str = "far",
 ) -> ReliefScene:
     """Draw the scene of ``seed`` at ``size x size`` pixels.
 
@@ -118,6 +139,10 @@ def make_relief_scene(
         disparity_fraction: probability in ``[0, 1]`` that the labels are affine in disparity.
         tilt: largest slope of a near object's plane, in units of its distance per pixel
             (``>= 0``; the slope is drawn uniformly in ``[-tilt, tilt]`` along each image axis).
+        background: what stands behind the objects, one of :data:`BACKGROUNDS`; the default
+            ``"far"`` gives the scenes of notebook 06's attempts, unchanged. The other
+            backgrounds draw the same random numbers, so a seed gives the same objects
+            (albedo, relief, outline; on ``"ground"`` moved to stand on the ground).
 
     Returns:
         a :class:`ReliefScene`.
@@ -131,12 +156,22 @@ def make_relief_scene(
         )
     if isinstance(tilt, bool) or not isinstance(tilt, (int, float)) or not 0.0 <= tilt < 0.1:
         raise ValueError(f"Invalid tilt: we expect a number in [0, 0.1). Got: {tilt!r}.")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"Invalid background: we expect one of {BACKGROUNDS}. Got: {background!r}.")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(words))))
     f = float(size)  # focal length in pixels: a field of view of about 53 degrees
     v, u = np.mgrid[0:size, 0:size].astype(np.float64)
-    # Background: depth grows towards the top of the image, with a gentle undulation.
-    near_row, far_row = rng.uniform(20.0, 30.0), rng.uniform(40.0, 60.0)
-    bg = far_row + (near_row - far_row) * v / (size - 1) + 3.0 * _noise(rng, size, 3)
+    (low_a, low_b), (high_a, high_b), undulation = _BACKGROUND_DEPTHS[background]
+    near_row, far_row = rng.uniform(low_a, low_b), rng.uniform(high_a, high_b)
+    if background == "ground":
+        # A ground plane seen from above it: depth A / (row + c), near_row at the bottom row and
+        # far_row at the top one, with a small relative undulation.
+        c = (size - 1) * near_row / (far_row - near_row)
+        ground = far_row * c / (v + c)
+        bg = ground * (1.0 + undulation * _noise(rng, size, 3))
+    else:
+        # A background whose depth grows towards the top of the image, gently undulating.
+        bg = far_row + (near_row - far_row) * v / (size - 1) + undulation * _noise(rng, size, 3)
     bg_albedo = rng.uniform(0.3, 0.7, 3)[:, None, None] * (1 + 0.35 * _noise(rng, size, size // 4))
     rgb = bg_albedo * (0.35 + 0.65 * _shading(bg, f))
     depth, smooth = bg.copy(), bg.copy()
@@ -149,6 +184,10 @@ def make_relief_scene(
         left = int(k * slot + rng.uniform(1, max(1.0, slot - w - 1)))
         top = int(rng.uniform(0.2 * size, size - h - 1))
         z0 = rng.uniform(1.5, 3.0)
+        if background == "ground":  # stand on the ground: the bottom row where it is z0 away
+            bottom = min(size - 1, round(far_row * c / z0 - c))
+            h = min(h, bottom - 1)
+            top = bottom - h
         tilt_u, tilt_v = rng.uniform(-1.0, 1.0, 2) * tilt * z0
         plane = z0 + tilt_u * (u - left - w / 2) + tilt_v * (v - top - h / 2)
         relief = np.zeros_like(plane)
@@ -185,7 +224,11 @@ def make_relief_scene(
 
 
 def make_relief_batch(
-    seeds: Sequence[SeedLike], size: int = 32, disparity_fraction: float = 0.0, tilt: float = 0.01
+    seeds: Sequence[SeedLike],
+    size: int = 32,
+    disparity_fraction: float = 0.0,
+    tilt: float = 0.01,
+    background: str = "far",
 ) -> dict[str, Tensor]:
     """The scenes of ``seeds`` stacked as tensors.
 
@@ -198,7 +241,7 @@ def make_relief_batch(
         >>> batch["rgb"].shape, batch["labels"].shape
         (torch.Size([4, 3, 32, 32]), torch.Size([4, 1, 32, 32]))
     """
-    scenes = [make_relief_scene(s, size, disparity_fraction, tilt) for s in seeds]
+    scenes = [make_relief_scene(s, size, disparity_fraction, tilt, background) for s in seeds]
     if not scenes:
         raise ValueError("Invalid seeds: we expect at least one seed. Got: an empty sequence.")
 

@@ -93,7 +93,7 @@ from hdn import contexts as _contexts
 from hdn.losses import contexts_loss, hdn_loss, ssi_loss
 from hdn.metrics import fine_detail_error, relief_error, zero_shot_metrics
 from hdn.toy.models import UNet
-from hdn.toy.relief import make_relief_batch
+from hdn.toy.relief import BACKGROUNDS, make_relief_batch
 
 __all__ = [
     "ARMS",
@@ -156,6 +156,8 @@ class RunConfig:
     (the mean training loss since the last point and the test set's plane-aligned relief
     error). ``kept_scenes`` (0: none): the predictions of the first ``kept_scenes`` test scenes
     are kept in the row, as float16 (:func:`kept_predictions` reads them back).
+    ``background``: what stands behind the near objects (:data:`hdn.toy.relief.BACKGROUNDS`;
+    ``"far"``, 20-60 m, in attempts 1 and 2).
     """
 
     arm: str = "ssi"
@@ -173,6 +175,7 @@ class RunConfig:
     disparity_fraction: float = 0.0
     curve_points: int = 0
     kept_scenes: int = 0
+    background: str = "far"
 
     def __post_init__(self) -> None:
         if self.arm not in ARMS:
@@ -208,6 +211,10 @@ class RunConfig:
             raise ValueError(
                 f"Invalid disparity_fraction: we expect a number in [0, 1]. Got: {frac!r}."
             )
+        if self.background not in BACKGROUNDS:
+            raise ValueError(
+                f"Invalid background: we expect one of {BACKGROUNDS}. Got: {self.background!r}."
+            )
         if self.kept_scenes > self.test_scenes:
             raise ValueError(
                 f"Invalid kept_scenes: we expect at most test_scenes ({self.test_scenes}). "
@@ -222,12 +229,14 @@ class RunConfig:
     def key(self) -> str:
         """Identifies the run in the results file (every option that changes what it computes).
 
-        ``disparity_fraction``, ``curve_points`` and ``kept_scenes`` are left out at their
-        default 0, so that rows written before the options existed keep their keys.
+        ``disparity_fraction``, ``curve_points``, ``kept_scenes`` and ``background`` are left
+        out at their defaults (0 and ``"far"``), so that rows written before the options
+        existed keep their keys.
         """
         fields = asdict(self)
-        for name in ("disparity_fraction", "curve_points", "kept_scenes"):
-            if fields[name] == 0:
+        for name, default in (("disparity_fraction", 0), ("curve_points", 0), ("kept_scenes", 0),
+                              ("background", "far")):  # fmt: skip
+            if fields[name] == default:
                 del fields[name]
         return json.dumps(fields, sort_keys=True)
 
@@ -307,7 +316,7 @@ def calibration_ladder(
 def make_test_set(config: RunConfig) -> dict[str, Tensor]:
     """The fixed test scenes ``(999, i)``, ``i < config.test_scenes``."""
     seeds = [(TEST_SEED, i) for i in range(config.test_scenes)]
-    return make_relief_batch(seeds, config.size, tilt=config.tilt)
+    return make_relief_batch(seeds, config.size, tilt=config.tilt, background=config.background)
 
 
 def git_state() -> tuple[str, bool]:
@@ -409,6 +418,7 @@ def run(
             config.size,
             disparity_fraction=config.disparity_fraction,
             tilt=config.tilt,
+            background=config.background,
         )
         pool = {k: v.to(device) for k, v in pool.items()}
         model = UNet(base=config.base).to(device)
