@@ -23,12 +23,12 @@ thread.
 **The steps, 3000, chosen by the pilots.** In the pilots of ``results/fine_detail_pilot2.jsonl``
 the control reached a plane-aligned relief error of 0.585 after 3000 steps and 0.549 after
 6000, against 1.000 for SSI after 6000: most of what the control learns, it learns in the first
-3000 steps. This sweep's own pilot (``results/level_sweep_pilot.jsonl``: SSI and the three kinds
-at L = 2, seed 0, 6000 steps; the command below with ``--steps 6000 --seeds 0 --out
-results/level_sweep_pilot.jsonl``, stopped after its first four runs) separated SSI (0.993) from HDN-DR (0.644), but took 600-700 s a
-run on this machine's two shared cores; 33 runs of 6000 steps would need about twice the budget
-of about 90 minutes of two cores, 33 runs of 3000 steps fit it. The pilot rows also show how far
-the 3000-step rows are from the end of a longer training.
+3000 steps. This sweep's own pilot (``results/level_sweep_pilot.jsonl``: SSI and HDN-DR at
+L = 2, seed 0, 6000 steps; the command below with ``--steps 6000 --seeds 0``, stopped after two
+runs) separated SSI (0.993) from HDN-DR (0.644), but took 600-700 s a run on this machine's
+two shared cores: 33 runs of 6000 steps would need about twice the budget of about 90 minutes
+of two cores, 33 runs of 3000 steps fit it. The pilot rows also show how far the 3000-step rows
+are from the end of a longer training.
 
 **Each row** is a :func:`hdn.toy.experiments.fine_detail.run` row: the configuration, the
 commit at start and a dirty-tree flag, where it ran, the final metrics (plane-aligned relief
