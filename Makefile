@@ -1,6 +1,7 @@
 # hdn: set up a local virtual environment, then run the tests, the workbook or the benchmark.
 #
-#   make test    create .venv if missing, install, run the whole test suite (tests + notebooks)
+#   make test    create .venv if missing, install, run the whole test suite (tests + notebooks);
+#                HDN_LIVE_STEPS=100 shortens notebook 05's live training (1200 steps otherwise)
 #   make lab     create .venv if missing, install, open JupyterLab on notebooks/
 #   make bench   create .venv if missing, install, run the speed benchmark (benchmarks/bench.py)
 #   make gpu-check   on a CUDA machine: tests, host syncs, speed, a training step and notebook 05
@@ -35,7 +36,7 @@ STAMP := $(VENV)/.installed
 .PHONY: test lab bench gpu-check clean test-outside-clone book book-html book-check test-browser browser-deps
 
 test: $(STAMP)
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	HDN_LIVE_STEPS=100 $(VPY) -m pytest $(PYTEST_ARGS)
 
 lab: $(STAMP)
 	$(VPY) -m jupyter lab notebooks/

@@ -41,6 +41,6 @@ assert pathlib.Path(sys.prefix).resolve() in where.parents, f"hdn imported from 
 print(f"   hdn {hdn.__version__} from {where.parent}")
 PY
 echo "== strict nbval: generic CPU kernels, oneDNN SSE4.1, one thread"
-env -u PYTHONPATH ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 OMP_NUM_THREADS=1 \
+env -u PYTHONPATH HDN_LIVE_STEPS=100 ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 OMP_NUM_THREADS=1 \
   MKL_NUM_THREADS=1 "$work/venv/bin/python" -m pytest -q -p no:cacheprovider \
   --nbval --nbval-current-env --nbval-sanitize-with "$work/sanitize.cfg" ./*.ipynb
