@@ -9,10 +9,26 @@ Nothing is loaded from the network when a page is read: MathJax comes from the n
 that ``tests/browser/package.json`` installs (``npm ci`` in ``make book``), copied into the
 site. Widgets are not live in a static page; the notebooks draw the same figure statically
 before each widget.
+
+What a reader sees is adjusted here and in ``docs/_static/hdn.css`` rather than in the notebooks
+(``make book-check`` checks each point in Chromium):
+
+* maths written as ``$...$`` inside raw HTML (the ``<details>`` hints and solutions) is typeset
+  like the rest (:func:`_math_in_raw_html`);
+* notebook cells, wide code blocks and wide figures span the text column and the margin beside
+  it (the theme's ``full-width``), code and text outputs wrap instead of scrolling sideways, and
+  a display equation too wide for its column is set smaller (``docs/_static/hdn.js``);
+* the API reference shows each docstring once, where it is written: it leaves out class members
+  without a docstring of their own (PyTorch's ``forward`` and ``extra_repr``, a base class's
+  method, a NamedTuple field's generated "Alias for field number 0").
 """
 
 from __future__ import annotations
 
+import hashlib
+import html
+import inspect
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -64,8 +80,16 @@ html_theme_options = {
     "home_page_in_toc": True,
 }
 html_show_sourcelink = False
-html_context = {"default_mode": "light"}  # an explicit mode: the theme logs a console error without one
+html_context = {
+    "default_mode": "light",  # an explicit mode: the theme logs a console error without one
+    # this file's own digest: editing the transforms below rewrites every page (an incremental
+    # build otherwise keeps pages whose sources did not change)
+    "hdn_conf": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12],
+}
 html_last_updated_fmt = None
+html_static_path = ["_static"]  # docs/_static: hdn.css
+html_css_files = ["hdn.css"]
+html_js_files = ["hdn.js"]  # fits wide display equations into their column
 
 # MathJax from the npm package (tests/browser/node_modules/mathjax), copied into _static.
 _MATHJAX = ROOT / "tests" / "browser" / "node_modules" / "mathjax" / "es5"
@@ -74,7 +98,7 @@ if _MATHJAX.is_dir():
     target = _STAGE / "mathjax"
     if not (target / "tex-mml-chtml.js").is_file():
         shutil.copytree(_MATHJAX, target, dirs_exist_ok=True)
-    html_static_path = [str(_STAGE)]
+    html_static_path.append(str(_STAGE))
     mathjax_path = "mathjax/tex-mml-chtml.js"
 else:  # pragma: no cover - make book installs it
     print("docs/conf.py: tests/browser/node_modules/mathjax is missing (run `npm ci` in tests/browser); "
@@ -92,5 +116,103 @@ def _redirect_to_the_root_doc(app, exception) -> None:
         )
 
 
+# --- what the reader sees ---------------------------------------------------------------------
+# Inline $...$ as MyST's dollarmath reads it: no space inside either dollar, no letter, digit or
+# dollar right after the closing one; $$...$$ is display maths.
+_DISPLAY_MATH = re.compile(r"\$\$(.+?)\$\$", re.DOTALL)
+_INLINE_MATH = re.compile(r"(?<![\\$\w])\$(?=\S)([^$]*?\S)(?<!\\)\$(?![\w$])")
+_VERBATIM = re.compile(r"(<(code|pre|script|style|kbd|samp|tt)\b.*?</\2\s*>|<[^>]*>)", re.DOTALL | re.IGNORECASE)
+
+
+def _typeset_dollars(text: str) -> str:
+    """``$...$`` and ``$$...$$`` in an HTML fragment's text as Sphinx writes maths (MathJax's
+    ``\\(...\\)`` and ``\\[...\\]`` in ``math`` elements); tags, code and scripts unchanged."""
+
+    def math(body: str, display: bool) -> str:
+        body = html.escape(html.unescape(body), quote=False)
+        if display:
+            return f'<div class="math notranslate nohighlight">\\[{body}\\]</div>'
+        return f'<span class="math notranslate nohighlight">\\({body}\\)</span>'
+
+    parts = _VERBATIM.split(text)
+    out = []
+    # split() with two groups yields: text, whole tag or verbatim element, inner group, text, ...
+    for i in range(0, len(parts), 3):
+        chunk = _DISPLAY_MATH.sub(lambda m: math(m.group(1), True), parts[i])
+        out.append(_INLINE_MATH.sub(lambda m: math(m.group(1), False), chunk))
+        if i + 1 < len(parts):
+            out.append(parts[i + 1])
+    return "".join(out)
+
+
+def _math_in_raw_html(app, doctree, docname) -> None:
+    """Typeset ``$...$`` inside raw HTML: MyST passes an HTML block such as a ``<details>`` hint
+    through untouched, so its maths would reach the page as raw text (Jupyter typesets it)."""
+    from docutils import nodes
+
+    for node in list(doctree.findall(nodes.raw)):
+        if "html" not in node.get("format", "").split() or "$" not in node.astext():
+            continue
+        new = _typeset_dollars(node.astext())
+        if new != node.astext():
+            node.replace_self(nodes.raw(new, new, format="html"))
+
+
+_WIDE_IMAGE_PX = 800  # a figure this wide (natural size) would be shrunk in the text column
+_WIDE_CODE_CHARS = 76  # a code line this long would wrap in the text column (688 px at 1280 px)
+
+
+def _wide_content(app, doctree, docname) -> None:
+    """Notebook cells, code blocks of the text flow with long lines, and paragraphs holding only
+    a wide image take the theme's ``full-width`` class: the text column plus the margin, where
+    the page's table of contents folds away."""
+    from docutils import nodes
+
+    for node in doctree.findall(nodes.container):
+        if node.get("nb_element") == "cell_code":
+            node["classes"].append("full-width")
+    for block in doctree.findall(nodes.literal_block):
+        if isinstance(block.parent, nodes.section) and max(
+            (len(line) for line in block.astext().splitlines()), default=0
+        ) > _WIDE_CODE_CHARS:
+            block["classes"].append("full-width")
+    for image in list(doctree.findall(nodes.image)):
+        para = image.parent
+        if not isinstance(para, nodes.paragraph) or len(para.children) != 1:
+            continue
+        import imagesize  # a dependency of Sphinx
+
+        path = Path(app.srcdir) / image["uri"]
+        width = imagesize.get(str(path))[0] if path.is_file() else -1  # -1: unknown, stays as it is
+        if width >= _WIDE_IMAGE_PX:
+            box = nodes.container(classes=["full-width", "hdn-wide-figure"])
+            para.replace_self(box)
+            box += para
+
+
+_GENERATED_DOC = re.compile(r"Alias for field number \d+")  # a NamedTuple field's docstring
+
+
+def _borrowed_docstring(obj) -> bool:
+    """Whether a class member has no docstring written for it: one it would inherit (PyTorch's
+    ``forward`` and ``extra_repr``; a base class's method, documented there) or one that Python
+    generates (a NamedTuple field's "Alias for field number 0"; its class's Attributes say it)."""
+    doc = getattr(obj, "__doc__", None)
+    if isinstance(doc, str) and _GENERATED_DOC.fullmatch(doc.strip()):
+        return True
+    func = obj.fget if isinstance(obj, property) else getattr(obj, "__func__", obj)
+    return inspect.isfunction(func) and not func.__doc__
+
+
+def _skip_borrowed_docstrings(app, what, name, obj, skip, options):
+    """autodoc-skip-member: leave out what :func:`_borrowed_docstring` finds."""
+    if what in ("class", "exception") and _borrowed_docstring(obj):
+        return True
+    return None
+
+
 def setup(app):
     app.connect("build-finished", _redirect_to_the_root_doc)
+    app.connect("doctree-resolved", _math_in_raw_html)
+    app.connect("doctree-resolved", _wide_content)
+    app.connect("autodoc-skip-member", _skip_borrowed_docstrings)

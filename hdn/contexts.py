@@ -692,7 +692,8 @@ def random_crops(
         target: ``(B, 1, H, W)`` or ``(B, H, W)``; only shape and validity are used.
         mask: optional bool mask.
         num: crops per image.
-        min_size, max_size: edge-length range as fractions of the image side.
+        min_size: smallest edge length, as a fraction of the image side.
+        max_size: largest edge length, as a fraction of the image side.
         generator: the random source (sampled on CPU).
 
     Returns:

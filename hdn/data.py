@@ -66,7 +66,12 @@ class MotorcycleScene:
 
 
 class NearFarScene(NamedTuple):
-    """A synthetic depth map and its validity mask (unpacks as ``depth, valid``)."""
+    """A synthetic depth map and its validity mask (unpacks as ``depth, valid``).
+
+    Attributes:
+        depth: ``(H, W)`` depth in metres (finite everywhere, also where invalid).
+        valid: ``(H, W)`` bool, False on the pixels marked invalid.
+    """
 
     depth: Tensor
     valid: Tensor

@@ -231,9 +231,11 @@ def zero_shot_metrics(
 
     .. math::
 
-        \text{AbsRel} = \operatorname{mean} \frac{|\hat d - d|}{d}, \quad
+        \text{AbsRel} = \operatorname{mean} \frac{|\hat d - d|}{d},
+
         \delta_k = \operatorname{mean}\left[\max\left(\frac{\hat d}{d},
-        \frac{d}{\hat d}\right) < 1.25^k\right], \quad
+        \frac{d}{\hat d}\right) < 1.25^k\right],
+
         \text{RMSE} = \sqrt{\operatorname{mean}(\hat d - d)^2}.
 
     A pixel is valid if ``mask`` is True, the target is finite and the target is > 0;
@@ -318,7 +320,8 @@ def fine_detail_error(
 
         E = \frac{1}{|I|} \sum_{b \in I} \frac{1}{m_b} \sum_{i \in N_b}
         \frac{|\hat d^{N}_i - d_i|}{d_i},
-        \qquad \hat d^{N} = s_N\,p + t_N,\;
+
+        \hat d^{N} = s_N\,p + t_N,\;
         (s_N, t_N) = \arg\min_{s,t} \sum_{i \in N} (s\,p_i + t - d_i)^2,
 
     where :math:`I` is the set of images with :math:`m_b \ge 2` (each image weighs

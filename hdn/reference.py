@@ -59,7 +59,8 @@ def hierarchical_loss(
     """semantics §2: per-pixel mean over containing contexts, summed, over the valid count.
 
     Args:
-        pred, target: ``(B, H, W)``.
+        pred: ``(B, H, W)``.
+        target: ``(B, H, W)``.
         valid: ``(B, H, W)`` bool.
         contexts: list of ``(B, H, W)`` bool masks (intersected with ``valid`` here).
         reduction: see :func:`reduce_map`; the map is each pixel's mean over its contexts.

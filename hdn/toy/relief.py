@@ -233,8 +233,9 @@ def make_relief_batch(
     """The scenes of ``seeds`` stacked as tensors.
 
     Returns:
-        ``{"rgb": (N, 3, H, W), "depth", "smooth", "gt": (N, 1, H, W) float32,
-        "near": (N, 1, H, W) bool, "labels": (N, 1, H, W) int64, "disparity": (N,) bool}``.
+        Tensors by key, ``"rgb"`` ``(N, 3, H, W)``; ``"depth"``, ``"smooth"`` and ``"gt"``
+        ``(N, 1, H, W)`` float32; ``"near"`` ``(N, 1, H, W)`` bool; ``"labels"``
+        ``(N, 1, H, W)`` int64; ``"disparity"`` ``(N,)`` bool.
 
     Examples:
         >>> batch = make_relief_batch([(0, 0, i) for i in range(4)], size=32)

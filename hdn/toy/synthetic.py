@@ -394,7 +394,8 @@ def make_scene(seed: SeedLike, height: int = 64, width: int = 64) -> Scene:
     Args:
         seed: a non-negative int, or a sequence of them (the entropy of a
             ``numpy.random.SeedSequence``; :func:`make_split` uses ``(seed, stream, index)``).
-        height, width: image size in pixels (>= 8); object sizes scale with the image.
+        height: image height in pixels (>= 8); object sizes scale with the image.
+        width: image width in pixels (>= 8).
 
     Returns:
         a :class:`Scene` with ``rgb (3, H, W)``, ``depth``, ``valid``, ``gt`` ``(H, W)``.
@@ -419,7 +420,8 @@ def make_split(
     Args:
         n: number of scenes.
         seed: base seed.
-        height, width: image size.
+        height: image height in pixels.
+        width: image width in pixels.
         stream: tells splits with the same base seed apart (the CLI uses 0 for train, 1 for test).
 
     Returns:
@@ -590,7 +592,8 @@ def draw_checked_split(
     """Draw a train/test split as ``python -m hdn.toy.synthetic`` does and check its checksum.
 
     Args:
-        train, test: numbers of scenes (train: stream 0, test: stream 1).
+        train: number of training scenes (stream 0).
+        test: number of test scenes (stream 1).
         size: image height and width.
         seed: base seed.
         sha256: expected :func:`arrays_sha256` of the arrays that :func:`save_split` would store.

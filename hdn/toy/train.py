@@ -156,7 +156,8 @@ class TrainConfig:
         grad_matching: weight of :func:`hdn.gradient_matching_loss` (4 scales); 0 = off.
         crop: train on random ``crop x crop`` crops (divisible by ``2**depth``); None = whole images.
         hflip: random horizontal flips.
-        base, depth: width and depth of the :class:`hdn.toy.models.UNet`.
+        base: channels of the first stage of the :class:`hdn.toy.models.UNet`.
+        depth: number of 2x down-samplings of the :class:`hdn.toy.models.UNet`.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         data: split file used when :func:`train` gets no data; None = :func:`hdn.toy.synthetic.toy_split`.
         out_dir: where ``checkpoint.pt`` and ``metrics.json`` go; None = write nothing.

@@ -131,8 +131,9 @@ def ssi_gradient_parts(pred: Tensor, target: Tensor, mask: Tensor | None = None)
         + \\underbrace{\\frac{\\partial \\mathcal L}{\\partial s}
             \\frac{\\operatorname{sign}(p_i - t)}{n + 1}}_{\\text{scale}}
         + \\underbrace{[i = m]\\,\\frac{\\partial \\mathcal L}{\\partial t}}_{\\text{median}},
-        \\qquad
-        \\frac{\\partial \\mathcal L}{\\partial s} = -\\sum_j \\frac{r_j \\hat p_j}{d},\\quad
+
+        \\frac{\\partial \\mathcal L}{\\partial s} = -\\sum_j \\frac{r_j \\hat p_j}{d},
+
         \\frac{\\partial \\mathcal L}{\\partial t} = -\\sum_j \\frac{r_j}{d}
             - \\frac{\\partial \\mathcal L}{\\partial s}\\sum_j \\frac{\\operatorname{sign}(p_j - t)}{n + 1}.
 
@@ -561,7 +562,8 @@ class DescentExplorer:
         max_level: largest ``L`` on the level slider.
         detach_pred_median: use the follow-up variant (see :func:`make_loss`).
         unit: ``(name, factor)`` for the error map, e.g. ``("cm", 100.0)`` for metres.
-        loss, level: initial dropdown and slider values.
+        loss: initial value of the loss dropdown.
+        level: initial value of the level slider.
         precompute: run every (loss, L) of the controls up front (one descent each), so that
             no move of a control waits for a descent; False computes each on first use.
     """
@@ -790,7 +792,9 @@ def median_gradient_share(
     Args:
         name: a name of :data:`LOSS_NAMES`.
         levels: number of levels ``L`` (ignored for ``"ssi"``).
-        pred, target, mask: as for :func:`loss_gradient`.
+        pred: as for :func:`loss_gradient`.
+        target: as for :func:`loss_gradient`.
+        mask: as for :func:`loss_gradient`.
 
     Returns:
         a share in ``[0, 1]`` (0 when the gradient is zero).

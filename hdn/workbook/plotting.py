@@ -143,8 +143,9 @@ def show_map(
         valid: optional ``(H, W)`` bool; pixels where it is False (and non-finite values) are
             drawn in :data:`INVALID_COLOR`.
         label: colorbar label; default from :data:`MAP_KINDS`.
-        vmin, vmax: colour limits; ``"normalized"`` defaults to the symmetric range of the
+        vmin: lower colour limit; ``"normalized"`` defaults to the symmetric range of the
             shown values, ``"loss"`` to ``[0, max]``.
+        vmax: upper colour limit (defaults as for ``vmin``).
         cmap: colormap name replacing the kind's (e.g. ``"gray"`` for a background).
         colorbar: draw the colorbar.
         legend: when some pixel is hidden, add the legend entry "no ground truth" for
@@ -442,7 +443,8 @@ def show_bin_histogram(
         image: which image of the contexts' batch ``depth`` is.
         valid: optional bool mask; non-finite depths are invalid anyway.
         bars: number of histogram bars over the valid depth range.
-        cmap, unit: as in :func:`show_depth_bins`.
+        cmap: as in :func:`show_depth_bins`.
+        unit: as in :func:`show_depth_bins`.
 
     Examples:
         >>> from hdn.contexts import depth_percentile
@@ -501,8 +503,10 @@ def show_grid_contexts(
         level: grid level ``l`` (``4**l`` cells).
         title: axes title.
         valid: optional bool mask (grey where False).
-        colorbar, legend: as in :func:`show_map`.
-        vmin, vmax: colour limits in metres (share them across panels to compare levels).
+        colorbar: as in :func:`show_map`.
+        legend: as in :func:`show_map`.
+        vmin: lower colour limit in metres (share the limits across panels to compare levels).
+        vmax: upper colour limit in metres.
         **line_kw: line style of the grid (default white, 0.8 pt).
 
     Returns:
@@ -587,8 +591,10 @@ def show_relative_magnitude_maps(
         maps: panel title -> ``(H, W)`` map, or a sequence of ``(title, map)`` pairs (titles
             may then repeat, e.g. the same loss in every row of a grid).
         valid: one bool mask for all panels, one per panel, or ``None``.
-        vmin, vmax: colour limits in decades around each panel's median (values beyond
-            are drawn in the end colours; ``-inf`` for exact zeros in the lowest).
+        vmin: lower colour limit in decades around each panel's median (values below are
+            drawn in the lowest colour, and so are exact zeros, ``-inf``).
+        vmax: upper colour limit in decades around each panel's median (values above are
+            drawn in the highest colour).
         cmap: colormap name.
         label: the shared colorbar's label.
 

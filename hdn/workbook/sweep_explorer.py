@@ -199,9 +199,15 @@ class SweepExplorer:
     (one seed or ``ALL_SEEDS``) and a test-scene control over :class:`SweepData`.
 
     Attributes:
-        kind, level, seed, scene: the ipywidgets controls; ``output``: the ``Output`` the
-        figure is drawn into; ``widget``: all of them in a ``VBox``; ``figure``: the figure;
-        ``renders``: how many times the callbacks drew; ``seconds``: each redraw's time.
+        kind: the context-kind control (an ipywidgets ``Dropdown``).
+        level: the slider of the number of levels L (an ipywidgets ``IntSlider``).
+        seed: the seed control, one seed or ``ALL_SEEDS`` (an ipywidgets ``Dropdown``).
+        scene: the test-scene control (an ipywidgets ``Dropdown``).
+        output: the ipywidgets ``Output`` the figure is drawn into.
+        widget: the controls and the output in a ``VBox``; show it to use the explorer.
+        figure: the figure.
+        renders: how many times the callbacks drew.
+        seconds: each redraw's time in seconds.
 
     Examples:
         >>> ex = SweepExplorer()                                   # doctest: +SKIP

@@ -165,9 +165,13 @@ class LevelExplorer:
         kinds: context kinds offered, from ``("dr", "dp", "ds")``.
 
     Attributes:
-        context, level, model: the ipywidgets controls; ``output``: the ``Output`` the
-        figure is drawn into; ``widget``: all of them in a ``VBox``; ``figure``: the last
-        rendered figure; ``renders``: how many times the callbacks drew.
+        context: the context-kind control (an ipywidgets ``Dropdown``).
+        level: the level slider (an ipywidgets ``IntSlider``).
+        model: the model control (an ipywidgets ``Dropdown``).
+        output: the ipywidgets ``Output`` the figure is drawn into.
+        widget: the controls and the output in a ``VBox``; show it to use the explorer.
+        figure: the last rendered figure.
+        renders: how many times the callbacks drew.
 
     Examples:
         >>> from hdn.toy.models import UNet

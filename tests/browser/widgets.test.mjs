@@ -47,7 +47,8 @@ function notebooksToRun() {
   return all.filter((f) => readFileSync(path.join(dir, f), "utf8").includes(WIDGET_MIME));
 }
 
-/** A scratch tree: notebooks/ (copies), data/ (link to the repository's), Jupyter's dirs. */
+/** A scratch tree laid out as the repository that `make lab` serves: notebooks/ (copies), data/
+ *  and docs/ (links to the repository's, so that the notebooks' links resolve), Jupyter's dirs. */
 function scratchTree() {
   const root = mkdtempSync(path.join(os.tmpdir(), "hdn-lab-"));
   const work = path.join(root, "work");
@@ -56,6 +57,7 @@ function scratchTree() {
     cpSync(path.join(REPO, "notebooks", f), path.join(work, "notebooks", f));
   }
   symlinkSync(path.join(REPO, "data"), path.join(work, "data"));
+  symlinkSync(path.join(REPO, "docs"), path.join(work, "docs"));
   const settings = path.join(root, "settings");
   const override = (plugin, values) => {
     const file = path.join(settings, ...plugin.split("/").slice(0, -1), `${plugin.split("/").pop()}.jupyterlab-settings`);
