@@ -38,9 +38,7 @@ const FIGURE_MIN_PX = 900;
 
 // Known failures that another branch of the same issue fixes: "page: check" -> why. Such a
 // failure is reported as pending; if the check passes, the entry is reported as stale.
-const PENDING = {
-  "notebooks/05_toy_training.html: harness": "notebook 05's harness comments become cell tags in its own branch (#28)",
-};
+const PENDING = {};
 
 const failures = [];
 const pending = [];
