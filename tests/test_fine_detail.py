@@ -393,3 +393,21 @@ def test_ground_background_leaves_no_gap_and_keeps_the_objects():
         for k in range(int(s.labels.max()) + 1):
             z_far, z = far.smooth[far.labels == k].mean(), s.smooth[s.labels == k].mean()
             assert z == pytest.approx(z_far, rel=0.05)
+
+
+
+def test_the_last_curve_point_s_prediction_is_the_final_evaluation(monkeypatch):
+    tiny = {"arm": "hdn-dr", "steps": 3, "pool": 8, "batch_size": 2, "test_scenes": 4, "base": 8}
+    predictions = []
+    predict = fd._predict
+    monkeypatch.setattr(fd, "_predict", lambda model, test: predictions.append(1) or predict(model, test))
+    row = fd.run(fd.RunConfig(curve_points=2, **tiny))
+    # curve points at steps 2 and 3; step 3's prediction is also the final one: two predictions
+    assert [p["step"] for p in row["curve"]] == [2, 3] and len(predictions) == 2
+    assert row["metrics"]["relief_error_plane"] == row["curve"][-1]["relief_error_plane"]
+    # the same as a run without a curve, which predicts once after training
+    plain = fd.run(fd.RunConfig(**tiny))
+    assert len(predictions) == 3
+    assert row["metrics"] == plain["metrics"]
+    for field in ("relief_per_scene", "relief_plane_per_scene", "grad_share"):
+        assert row[field] == plain[field]
