@@ -395,6 +395,28 @@ def test_ground_background_leaves_no_gap_and_keeps_the_objects():
             assert z == pytest.approx(z_far, rel=0.05)
 
 
+@pytest.mark.parametrize("text, expected", [("0/1", (0, 1)), ("1/2", (1, 2)), ("3/11", (3, 11))])
+def test_parse_shard_reads_i_of_n(text, expected):
+    assert fd.parse_shard(text) == expected
+
+
+@pytest.mark.parametrize("text", ["2/2", "3/2", "-1/2", "0/0", "1", "1/2/3", "a/b", "1/", ""])
+def test_parse_shard_rejects_anything_but_i_of_n_with_i_below_n(text):
+    with pytest.raises(ValueError, match=r"Invalid shard: we expect I/N with 0 <= I < N\. Got: "):
+        fd.parse_shard(text)
+
+
+def test_run_and_record_appends_the_row_and_prints_one_line(tmp_path, monkeypatch, capsys):
+    metrics = {"relief_error": 0.5, "relief_error_plane": 0.25, "abs_rel": 0.125}
+    monkeypatch.setattr(fd, "run", lambda config: {"key": config.key(), "metrics": metrics,
+                                                   "wall_time_s": 12.4})  # fmt: skip
+    out = tmp_path / "rows.jsonl"
+    row = fd.run_and_record(fd.RunConfig(), out, "ssi seed 0")
+    assert fd.load_rows(out) == [row] and row["metrics"] == metrics
+    assert capsys.readouterr().out == "ssi seed 0: relief_error_plane 0.2500 abs_rel 0.1250 (12 s)\n"
+    fd.run_and_record(fd.RunConfig(seed=1), out, "x", summary="{relief_error:.2f}")
+    assert len(fd.load_rows(out)) == 2 and capsys.readouterr().out == "x: 0.50 (12 s)\n"
+
 
 def test_the_last_curve_point_s_prediction_is_the_final_evaluation(monkeypatch):
     tiny = {"arm": "hdn-dr", "steps": 3, "pool": 8, "batch_size": 2, "test_scenes": 4, "base": 8}

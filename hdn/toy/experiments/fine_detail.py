@@ -98,6 +98,7 @@ from hdn.toy.relief import BACKGROUNDS, make_relief_batch
 __all__ = [
     "ARMS",
     "ATTEMPTS",
+    "PLANE_SUMMARY",
     "RESULTS",
     "RESULTS_2",
     "RunConfig",
@@ -114,7 +115,9 @@ __all__ = [
     "make_test_set",
     "paired_differences",
     "paired_t_interval",
+    "parse_shard",
     "run",
+    "run_and_record",
     "scene_differences",
     "select_rows",
     "verdict",
@@ -538,6 +541,41 @@ def _append(path: Path, row: dict) -> None:
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
+#: :func:`run_and_record`'s default summary of a row's metrics (``str.format`` fields).
+PLANE_SUMMARY = "relief_error_plane {relief_error_plane:.4f} abs_rel {abs_rel:.4f}"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """The shard ``(I, N)`` of a command line's ``--shard I/N``: every N-th run of a plan, from
+    the I-th.
+
+    Examples:
+        >>> parse_shard("1/4")
+        (1, 4)
+    """
+    try:
+        shard, shards = (int(x) for x in text.split("/"))
+        if not 0 <= shard < shards:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"Invalid shard: we expect I/N with 0 <= I < N. Got: {text!r}.") from None
+    return shard, shards
+
+
+def run_and_record(
+    config: RunConfig, out: str | os.PathLike, name: str, *, summary: str = PLANE_SUMMARY
+) -> dict:
+    """Run ``config``, append its row to ``out`` and print one line; returns the row.
+
+    The line is ``"{name}: {summary} ({wall time} s)"``, ``summary`` formatted with the row's
+    metrics (:data:`PLANE_SUMMARY` by default).
+    """
+    row = run(config)
+    _append(Path(out), row)
+    print(f"{name}: {summary.format(**row['metrics'])} ({row['wall_time_s']:.0f} s)", flush=True)
+    return row
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -733,16 +771,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# The summary line of this CLI: both alignments of the primary metric.
+_RELIEF_SUMMARY = (
+    "relief_error {relief_error:.4f} (plane-aligned {relief_error_plane:.4f}) abs_rel {abs_rel:.4f}"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the planned runs that are not yet in ``--out``; returns the new rows."""
     args = _parser().parse_args(argv)
-    try:
-        shard, shards = (int(x) for x in args.shard.split("/"))
-        assert 0 <= shard < shards
-    except (ValueError, AssertionError):
-        raise ValueError(
-            f"Invalid shard: we expect I/N with 0 <= I < N. Got: {args.shard!r}."
-        ) from None
+    shard, shards = parse_shard(args.shard)
     preset = ATTEMPTS[args.attempt]
     for name, value in preset.items():
         if getattr(args, name) is None:
@@ -761,13 +799,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             print(f"skip {config.arm} seed {config.seed} (disparity_fraction "
                   f"{config.disparity_fraction}): already in {out}", flush=True)  # fmt: skip
             continue
-        row = run(config)
-        _append(out, row)
-        new.append(row)
-        m = row["metrics"]
-        print(f"{config.arm} seed {config.seed} disp {config.disparity_fraction}: "
-              f"relief_error {m['relief_error']:.4f} (plane-aligned {m['relief_error_plane']:.4f}) "
-              f"abs_rel {m['abs_rel']:.4f} ({row['wall_time_s']:.0f} s)", flush=True)  # fmt: skip
+        name = f"{config.arm} seed {config.seed} disp {config.disparity_fraction}"
+        new.append(run_and_record(config, out, name, summary=_RELIEF_SUMMARY))
     return new
 
 

@@ -185,14 +185,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--shard", default="0/1", help="I/N: every N-th run of the plan, from the I-th")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = p.parse_args(argv)
-    try:
-        shard, shards = (int(x) for x in args.shard.split("/"))
-        if not 0 <= shard < shards:
-            raise ValueError
-    except ValueError:
-        raise ValueError(
-            f"Invalid shard: we expect I/N with 0 <= I < N. Got: {args.shard!r}."
-        ) from None
+    shard, shards = _fd.parse_shard(args.shard)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     runs = plan(args.seeds, steps=args.steps)
@@ -215,12 +208,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             if passed is False:
                 print(f"skip {name}: the control failed its gate in {config.background}", flush=True)
                 continue
-        row = _fd.run(config)
-        _fd._append(out, row)
-        new.append(row)
-        m = row["metrics"]
-        print(f"{name}: relief_error_plane {m['relief_error_plane']:.4f} "
-              f"abs_rel {m['abs_rel']:.4f} ({row['wall_time_s']:.0f} s)", flush=True)  # fmt: skip
+        new.append(_fd.run_and_record(config, out, name))
     return new
 
 
