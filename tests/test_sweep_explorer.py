@@ -127,6 +127,33 @@ def test_train_live_trains_the_chosen_position_and_returns_its_curve():
         train_live("ds", 2, 0, display=False)
 
 
+def test_train_live_shows_the_figure_first_and_again_at_every_curve_point(monkeypatch):
+    import IPython.display
+
+    images = []
+
+    class Handle:
+        def update(self, image):
+            images.append(image.data)
+
+    def display(image, display_id):
+        images.append(image.data)
+        return Handle()
+
+    def run(config, device, callback):  # two curve points, without training
+        curve = [{"step": s, "loss": 1 / s, "relief_error_plane": 1 - s / 8} for s in (2, 4)]
+        for step in range(1, 5):
+            callback(step, 1 / step, curve[step // 2 - 1] if step % 2 == 0 else None)
+        return {"curve": curve}
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    monkeypatch.setattr(fd, "run", run)
+    train_live("dr", 2, 4, pool=8, every=2, display=True)
+    assert len(images) == 3
+    assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in images)
+    assert images[0] != images[-1]  # the curves were drawn in
+
+
 def test_summary_pairs_each_position_with_ssi_by_seed(rows):
     data = SweepData(rows)
     table = data.summary()

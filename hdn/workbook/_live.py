@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.layout_engine import ConstrainedLayoutEngine
 from PIL import Image
 
-__all__ = ["LiveFigure", "masked_map", "one_torch_thread", "png_message", "update_map"]
+__all__ = ["LiveFigure", "canvas_png", "masked_map", "one_torch_thread", "png_message", "update_map"]
 
 
 @contextmanager
@@ -65,6 +65,21 @@ def update_map(image, shown: np.ma.MaskedArray, vmin: float, vmax: float) -> Non
         add_invalid_legend(ax)
     elif not hidden and ax.get_legend() is not None:
         ax.get_legend().remove()
+
+
+def canvas_png(canvas: FigureCanvasAgg, compress_level: int = 3) -> bytes:
+    """The pixels ``canvas`` last drew as PNG bytes (RGB, the figure's size at its dpi).
+
+    Examples:
+        >>> canvas = FigureCanvasAgg(Figure(figsize=(1, 1), dpi=20))
+        >>> canvas.draw()
+        >>> canvas_png(canvas)[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
+        True
+    """
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3]
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="png", compress_level=compress_level)
+    return buffer.getvalue()
 
 
 def png_message(png: bytes, text: str) -> dict:
@@ -139,7 +154,4 @@ class LiveFigure:
         renderer = self.canvas.get_renderer()
         for artist in self._dynamic():
             artist.draw(renderer)
-        rgb = np.asarray(self.canvas.buffer_rgba())[..., :3]
-        buffer = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="png", compress_level=compress_level)
-        return buffer.getvalue()
+        return canvas_png(self.canvas, compress_level)

@@ -32,7 +32,14 @@ from hdn.alignment import align_least_squares
 from hdn.metrics import relief_maps
 from hdn.toy.experiments import fine_detail as _fd
 from hdn.toy.experiments import level_sweep as _sweep
-from hdn.workbook._live import LiveFigure, masked_map, one_torch_thread, png_message, update_map
+from hdn.workbook._live import (
+    LiveFigure,
+    canvas_png,
+    masked_map,
+    one_torch_thread,
+    png_message,
+    update_map,
+)
 from hdn.workbook.plotting import _CONTEXT_COLOURS, NONE_COLOR, draw_grid, show_contexts, show_map
 from hdn.workbook.training_explorer import CONTEXT_TITLES
 
@@ -514,8 +521,11 @@ def train_live(
     if display:
         from IPython.display import Image
         from IPython.display import display as show
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-        handle = show(Image(data=_png(fig)), display_id=True)
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        handle = show(Image(data=canvas_png(canvas)), display_id=True)
     bar = tqdm(total=steps, desc=f"{config.arm} L={level}", disable=not display)
     losses: list[float] = []
     curve: list[dict] = []
@@ -532,7 +542,8 @@ def train_live(
                 _draw_live(ax_loss, ax_relief, losses, curve)
                 from IPython.display import Image
 
-                handle.update(Image(data=_png(fig)))
+                canvas.draw()
+                handle.update(Image(data=canvas_png(canvas)))
 
     try:
         row = _fd.run(config, device=device, callback=callback)
@@ -555,13 +566,3 @@ def _draw_live(ax_loss, ax_relief, losses: list[float], curve: list[dict]) -> No
         ax_loss.legend(fontsize=8)
     ax_loss.set(yscale="log", xlabel="training step", ylabel="training loss")
     ax_relief.set(xlabel="training step", ylabel="test relief error (plane-aligned)")
-
-
-def _png(fig: Figure) -> bytes:
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    buffer = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buffer)
-    return buffer.getvalue()
