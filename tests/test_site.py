@@ -34,9 +34,6 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 API_PAGE = ROOT / "docs" / "api.md"
 REPOSITORY = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
 
-# Notebooks whose harness comments another branch of #28 turns into cell tags.
-HARNESS_PENDING = {"05_toy_training.ipynb"}
-
 
 def _public_modules() -> list[str]:
     names = ["hdn"] + [m.name for m in pkgutil.walk_packages(hdn.__path__, "hdn.")]
@@ -201,13 +198,7 @@ def _cells(path: Path) -> list[dict]:
     return json.loads(path.read_text())["cells"]
 
 
-@pytest.mark.parametrize(
-    "path",
-    [pytest.param(p, marks=pytest.mark.xfail(reason="converted to cell tags in notebook 05's own "
-                                                    "branch (#28)", strict=False))
-     if p.name in HARNESS_PENDING else p for p in NOTEBOOKS],
-    ids=lambda p: p.name,
-)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_no_code_cell_shows_a_test_harness_comment(path):
     found = [i for i, c in enumerate(_cells(path))
              if c["cell_type"] == "code" and HARNESS.search("".join(c["source"]))]
