@@ -2,7 +2,8 @@
 
 The book is built from the repository root (``sphinx-build -c docs . build/book/html``) so
 that the notebooks and the README are read where they are: ``notebooks/*.ipynb`` with their
-stored outputs (myst-nb, no execution), ``docs/*.md`` (MyST), ``README.md`` and an API
+stored outputs (myst-nb, no execution), ``docs/*.md`` (MyST), ``README.md``, the READMEs of
+``data/`` and ``benchmarks/`` (so that the README's links to them resolve) and an API
 reference from the docstrings (autodoc, Google-style sections by napoleon).
 
 Nothing is loaded from the network when a page is read: MathJax comes from the npm package
@@ -44,7 +45,9 @@ copyright = "The hdn workbook authors (MIT licence)"
 release = version = hdn.__version__
 
 root_doc = "docs/index"
-include_patterns = ["docs/*.md", "notebooks/*.ipynb", "README.md", "data/README.md"]
+include_patterns = [
+    "docs/*.md", "notebooks/*.ipynb", "README.md", "data/README.md", "benchmarks/README.md",
+]
 exclude_patterns = ["build", "**/.ipynb_checkpoints", "**/node_modules"]
 
 extensions = [

@@ -13,10 +13,15 @@ A number that comes from elsewhere (the paper, a definition) is exempted in its 
 metadata, with a reason::
 
     "metadata": {"prose_numbers_exempt": {"1.25": "delta_1 threshold, a definition"}}
+
+The pages of ``docs/`` (the start page, the notation, the semantics, ...) follow the same rule
+against the outputs of every notebook together, since a page speaks for the whole workbook; a
+number on a page that is not a result is exempted in ``DOCS_EXEMPT`` below, with a reason.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
@@ -24,7 +29,14 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+# Decimal numbers of docs/*.md that no notebook prints because they are not results (a version,
+# an equation or figure number written without "Eq."/"Fig.", a constant of a definition):
+# {(page, number): reason}. Keep it short; a result belongs in a notebook's output first.
+DOCS_EXEMPT: dict[tuple[str, str], str] = {}
 NUMBER = re.compile(r"(?<![\w.])[-−+]?\d+\.\d+(?![\w.]*\d)")
 REFERENCE = re.compile(
     r"(?:sections?|secs?\.|§|figures?|figs?\.|tables?|eqs?\.|equations?|arxiv:?|v)\s*$",
@@ -110,3 +122,36 @@ def test_numbers_in_prose_were_printed_by_the_notebook(path):
         "numbers quoted in the prose that no output of the notebook prints "
         "(print them, correct the prose, or exempt them with a reason): " + ", ".join(unmatched)
     )
+
+
+@functools.cache
+def _printed_by_any_notebook() -> frozenset[Decimal]:
+    numbers: set[Decimal] = set()
+    for path in NOTEBOOKS:
+        numbers |= _printed_numbers(json.loads(path.read_text()))
+    return frozenset(numbers)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_numbers_in_docs_pages_were_printed_by_a_notebook(path):
+    printed = _printed_by_any_notebook()
+    exempt = {number for (page, number) in DOCS_EXEMPT if page == path.name}
+    unmatched = [number for number in quoted_numbers(path.read_text())
+                 if number not in exempt and not matches_printed(number, printed)]
+    assert not unmatched, (
+        f"docs/{path.name} quotes numbers that no notebook prints (print them in a notebook, "
+        f"correct the page, or add them to DOCS_EXEMPT with a reason): {unmatched}"
+    )
+
+
+def test_docs_exemptions_name_a_page_a_reason_and_a_number_still_quoted_there():
+    pages = {path.name: quoted_numbers(path.read_text()) for path in DOCS}
+    for (page, number), reason in DOCS_EXEMPT.items():
+        assert page in pages and str(reason).strip(), (page, number)
+        assert number in pages[page], f"docs/{page} no longer quotes {number}: drop the exemption"
+
+
+def test_docs_check_flags_a_number_that_no_notebook_printed():
+    printed = _printed_by_any_notebook()
+    assert quoted_numbers("the loss falls to 0.1234567 (section 2.1)") == ["0.1234567"]
+    assert not matches_printed("0.1234567", printed)

@@ -68,3 +68,38 @@ def test_notebook_code_lines_are_at_most_100_characters(path):
         if len(line) > 100
     ]
     assert not long, f"{path.name}: code lines over 100 characters (cell, line): {long}"
+
+
+# --- "Open in Colab" badges -------------------------------------------------------------------
+# The link opens the notebook from the repository named in pyproject.toml; the image is a file
+# of the repository (docs/_static/colab-badge.svg), since the site fetches nothing from outside.
+BADGE = re.compile(r"\[!\[Open in Colab\]\(([^)\s]+)\)\]\(([^)\s]+)\)")
+BADGE_IMAGE = ROOT / "docs" / "_static" / "colab-badge.svg"
+
+
+def _colab_url(notebook: str) -> str:
+    repository = PROJECT["urls"]["Repository"]
+    assert repository.startswith("https://github.com/"), "Colab opens notebooks from GitHub"
+    slug = repository.removeprefix("https://github.com/").removesuffix(".git")
+    return f"https://colab.research.google.com/github/{slug}/blob/main/notebooks/{notebook}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_opens_with_a_colab_badge_for_itself(path):
+    cells = json.loads(path.read_text())["cells"]
+    first = next("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    assert BADGE.findall(first) == [("../docs/_static/colab-badge.svg", _colab_url(path.name))]
+    later = ["".join(c["source"]) for c in cells[1:] if c["cell_type"] == "markdown"]
+    assert not any("colab.research.google.com" in text for text in later)
+
+
+def test_readme_colab_badge_opens_the_first_notebook():
+    badges = BADGE.findall((ROOT / "README.md").read_text())
+    assert badges == [("docs/_static/colab-badge.svg", _colab_url(NOTEBOOKS[0].name))]
+
+
+def test_colab_badge_is_a_local_image_that_reads_open_in_colab():
+    svg = BADGE_IMAGE.read_text()
+    assert svg.lstrip().startswith("<svg") and 'aria-label="Open in Colab"' in svg
+    # nothing in it is fetched: no links, images or fonts from elsewhere
+    assert not re.search(r"(href|src)\s*=|url\(|@import", svg)

@@ -99,7 +99,7 @@ GAP_RANK = {"far": 3, "mid": 2, "close": 1, "ground": 0}
 #: The control's primary metric must be below this in every seed of a setting.
 CONTROL_GATE = 0.75
 
-#: The committed rows (package data).
+#: The dose-response's rows, one per run (package data; absent until the experiment has run).
 RESULTS = Path(__file__).resolve().parent / "results" / "gap_dose.jsonl"
 
 #: Everything but the arm, the seed, the background and the labels' space.
@@ -174,7 +174,7 @@ def trend(rows: Sequence[dict], arm: str) -> tuple[float, float, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    """Run the planned runs that are not yet in ``--out``; returns the new rows."""
+    """Run the dose-response's runs, controls first, that ``--out`` lacks; returns the new rows."""
     p = argparse.ArgumentParser(
         prog="python -m hdn.toy.experiments.gap_dose", description=__doc__.split("\n")[0]
     )
