@@ -193,8 +193,9 @@ class _Finest(NamedTuple):
     """What every level of :class:`IntervalContexts` reads, made once at the finest level."""
 
     last: Tensor  # (B, P) each pixel's last finest bin whose lower edge it reaches (0 if none)
-    inside: Tensor  # (B, P) valid and at or above the lowest edge
-    medians: Tensor  # (B, 2**L - 1) each bin's target median pixel, level by level
+    reached: Tensor  # (B, P) valid and at or above the lowest edge
+    inside: Tensor  # (B, P) reached and below that bin's upper edge: then in a bin at every level
+    medians: Tensor  # (B, 2**L - 2) each bin's target median pixel, level by level from level 1
     image: Tensor  # (B, 1) the image indices
     overlaps: list[bool]  # per level, whether two bins may overlap
 
@@ -207,7 +208,8 @@ class IntervalContexts(Contexts):
         valid: ``(B, H, W)`` bool.
         lower: per level ``l``, ``(B, 2**l)`` lower bin edges (non-decreasing along bins).
         upper: per level ``l``, ``(B, 2**l)`` upper bin edges (non-decreasing along bins).
-        sorted_rows: ``sorted_target(target, valid)``.
+        sorted_rows: ``sorted_target(target, valid)``; ``None`` for one level, which needs
+            no sort.
         may_overlap: whether an upper edge may pass the next bin's lower edge (DR's
             ``+ 1e-30``): then a pixel may be in two bins of a level, and each level gives
             two entries per pixel. A pixel in three or more bins of a level would need an
@@ -237,23 +239,28 @@ class IntervalContexts(Contexts):
         self.per_image = [edges.shape[1] for edges in lower]
         self._target = target
         self._sorted = sorted_rows
+        self._rows = target.reshape(target.shape[0], -1)
         self._may_overlap = may_overlap
         self._fine: tuple | None = None
 
     def segments(self, level: int) -> Segments:
-        B = self.shape[0]
+        B, H, W = self.shape
+        if level == 0:  # one bin per image: the image's row, less the pixels outside the bin
+            g = self._target.reshape(B, -1)
+            inside = self.valid.reshape(B, -1) & (g >= self.lower[0]) & (g < self.upper[0])
+            seg = torch.where(inside, torch.arange(B, device=g.device).unsqueeze(1), B).view(-1)
+            return Segments(seg, B, rows=(1, H, W))
         K, shift = self.per_image[level], self.num_levels - 1 - level
         fine = self._finest()
-        last = fine.last >> shift  # the levels nest: finest bin j is in bin j >> shift
-        upper = self.upper[level]
-        bins = last + fine.image * K
-        seg = torch.where(fine.inside & (self._rows < upper.gather(1, last)), bins, B * K).view(-1)
-        median = torch.nn.functional.pad(fine.medians[:, K - 1 : 2 * K - 1].reshape(-1), (0, 1))
+        last = fine.last >> shift if shift else fine.last  # the levels nest: finest bin j is in bin j >> shift
+        bins = last.add(fine.image, alpha=K)
+        seg = torch.where(fine.inside, bins, B * K).view(-1)
+        median = torch.nn.functional.pad(fine.medians[:, K - 2 : 2 * K - 2].reshape(-1), (0, 1))
         if not fine.overlaps[level]:
             return Segments(seg, B * K, target_median=median)
         # DR's + 1e-30 can keep a pixel in the bin before as well (no bin before bin 0: -inf)
-        upper_before = torch.nn.functional.pad(upper, (1, 0), value=-float("inf"))
-        second = torch.where(fine.inside & (self._rows < upper_before.gather(1, last)), bins - 1, B * K).view(-1)
+        upper_before = torch.nn.functional.pad(self.upper[level], (1, 0), value=-float("inf"))
+        second = torch.where(fine.reached & (self._rows < upper_before.gather(1, last)), bins - 1, B * K).view(-1)
         return Segments(torch.cat([seg, second]), B * K, 2, target_median=median)
 
     def _finest(self) -> _Finest:
@@ -261,21 +268,26 @@ class IntervalContexts(Contexts):
         if self._fine is None:
             B, H, W = self.shape
             values, within, _ = self._sorted
-            self._rows = self._target.reshape(B, -1)
             lower, upper = self.lower[-1].contiguous(), self.upper[-1].contiguous()
             last = torch.searchsorted(lower, self._rows, right=True) - 1
+            reached = self.valid.reshape(B, -1) & (last >= 0)
+            last = last.clamp(min=0)
+            # a pixel below its finest bin's upper edge is below its bin's at every level: the
+            # coarser upper edges are finest upper edges, and never lower than the bins' inside
+            inside = reached & (self._rows < upper.gather(1, last))
             start = torch.searchsorted(values, lower)  # (at most the valid count: +inf after it)
             end = torch.searchsorted(values, upper)
             # every level's bins are runs [start, end) of the sorted depths: their middles, level
-            # by level, (B, 2**L - 1)
-            steps = [1 << (self.num_levels - 1 - lvl) for lvl in range(self.num_levels)]
+            # by level from level 1 (level 0 takes row medians), (B, 2**L - 2)
+            steps = [1 << (self.num_levels - 1 - lvl) for lvl in range(1, self.num_levels)]
             start = torch.cat([start[:, ::step] for step in steps], 1)
             end = torch.cat([end[:, step - 1 :: step] for step in steps], 1)
             middle = torch.div(start + end - 1, 2, rounding_mode="floor").clamp(0, H * W - 1)
             image = torch.arange(B, device=last.device).unsqueeze(1)
             self._fine = _Finest(
-                last.clamp(min=0),
-                self.valid.reshape(B, -1) & (last >= 0),
+                last,
+                reached,
+                inside,
                 within.gather(1, middle) + image * (H * W),
                 image,
                 self._overlapping_levels(),
@@ -332,11 +344,20 @@ def depth_range(target: Tensor, mask: Tensor | None = None, *, levels: int = 3) 
     return _depth_range(*_prepare_target(target, mask), levels)
 
 
+def _valid_range(g: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Each image's smallest and largest valid depth, ``(B, 1)`` each (+inf and -inf for an
+    image without valid pixels)."""
+    g = g.reshape(g.shape[0], -1)
+    valid = valid.reshape(g.shape)
+    lo = torch.where(valid, g, float("inf")).amin(1, keepdim=True)
+    return lo, torch.where(valid, g, -float("inf")).amax(1, keepdim=True)
+
+
 def _depth_range(g: Tensor, valid: Tensor, levels: int) -> IntervalContexts:
-    sorted_rows = values, _, count = sorted_target(g, valid)
-    lo, hi = values[:, :1], values.gather(1, (count - 1).clamp(min=0).unsqueeze(1))
+    sorted_rows = sorted_target(g, valid) if levels > 1 else None
+    lo, hi = _valid_range(g, valid)
     bins = 2 ** (levels - 1)  # the finest level's edges; a coarser level's are every few
-    edges = lo + (hi - lo) * (torch.arange(bins + 1, dtype=g.dtype, device=g.device) / bins)
+    edges = lo + (hi - lo) * torch.linspace(0, 1, bins + 1, dtype=g.dtype, device=g.device)  # (i / bins, exact)
     edges = torch.nan_to_num(edges, nan=0.0)  # (an image without valid pixels: inf - inf)
     lower, upper = _nested_levels(edges, edges + 1e-30, levels)
     return IntervalContexts(g, valid, lower, upper, sorted_rows, may_overlap=True)
@@ -396,6 +417,10 @@ def depth_percentile(
 
 
 def _depth_percentile(g: Tensor, valid: Tensor, levels: int) -> IntervalContexts:
+    if levels == 1:  # the quantiles 0 and 1: the valid range, no sort
+        sorted_rows, q = None, torch.nan_to_num(torch.cat(_valid_range(g, valid), 1), posinf=0.0, neginf=0.0)
+        lower, upper = _nested_levels(q, q, levels)
+        return IntervalContexts(g, valid, lower, upper, sorted_rows)
     sorted_rows = values, _, count = sorted_target(g, valid)
     bins = 2 ** (levels - 1)
     frac = torch.arange(bins + 1, dtype=torch.float64, device=g.device) / bins
@@ -452,20 +477,21 @@ class GridContexts(Contexts):
         return Segments(seg, B * cells * cells, rows=rows)
 
 
-_GRID_LAYOUTS: dict[tuple, tuple[Tensor, Tensor | int]] = {}
+_GRID_LAYOUTS: dict[tuple, tuple[Tensor, Tensor | tuple[int, int, int]]] = {}
 """The last few grid layouts, by (B, H, W, level, device): they depend on nothing else."""
 
 
-def _grid_layout(B: int, H: int, W: int, level: int, dev) -> tuple[Tensor, Tensor | int]:
+def _grid_layout(B: int, H: int, W: int, level: int, dev) -> tuple[Tensor, Tensor | tuple[int, int, int]]:
     """Level ``level``'s cells: each pixel's segment ``(N,)`` (``b * cells**2 + cell``), and
-    the cells as rows of their pixels, ``(B * cells**2, h * w)`` padded with ``N``."""
+    the cells as rows of their pixels: ``(cells, h, w)`` where they are equal, else a table
+    ``(B * cells**2, h * w)`` padded with ``N`` (:class:`hdn._core.engine.Segments`)."""
     cells = 2**level
-    if cells == 1:  # the whole image: segment b is the pixels [b * H * W, (b + 1) * H * W)
-        return torch.arange(B, device=dev).repeat_interleave(H * W), H * W
     r, top, heights = _grid_cells(H, cells, dev)
     c, left, widths = _grid_cells(W, cells, dev)
     cell = (r.unsqueeze(1) * cells + c.unsqueeze(0)).reshape(1, -1)
     seg = (cell + torch.arange(B, device=dev).unsqueeze(1) * (cells * cells)).reshape(-1)
+    if H % cells == 0 and W % cells == 0:  # equal cells: a strided view of the pixels
+        return seg, (cells, H // cells, W // cells)
     h, w = -(-H // cells), -(-W // cells)  # the longest cells (see _grid_cells)
     dy, dx = torch.arange(h, device=dev), torch.arange(w, device=dev)
     pixel = (top.unsqueeze(1) + dy)[:, None, :, None] * W + (left.unsqueeze(1) + dx)[None, :, None, :]

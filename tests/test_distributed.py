@@ -71,8 +71,9 @@ def test_two_gloo_ranks_match_a_single_process_run_with_the_same_global_batch(sp
     for key, value in single.model.state_dict().items():
         if key == "head.bias":
             # The losses ignore a shift of the prediction: the output bias's gradient is 0 up
-            # to rounding noise, which Adam turns into steps of up to lr in either run.
-            assert float((ranks[0]["state"][key] - value).abs().max()) <= config.steps * config.lr
+            # to rounding noise, which Adam turns into steps of up to lr in either run, and
+            # in either direction: the runs may part by up to twice that.
+            assert float((ranks[0]["state"][key] - value).abs().max()) <= 2 * config.steps * config.lr
             continue
         torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ranks[0]["metrics"]["abs_rel"], single.metrics["abs_rel"], rtol=1e-4, atol=1e-6)

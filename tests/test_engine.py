@@ -302,18 +302,9 @@ def top_level_aten_ops(fn) -> int:
 
 
 _OPS_CASES = [("ssi", 1)] + [(kind, levels) for kind in ("dr", "dp", "ds") for levels in range(1, 7)]
-_OPS_OVER = {("dr", 1), ("dr", 2), ("dp", 1), ("dp", 2)}  # open in the engine issue: 196 and 160 per level
 
 
-@pytest.mark.parametrize(
-    ("kind", "levels"),
-    [
-        pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason="the sorted target's fixed cost"))
-        if case in _OPS_OVER
-        else case
-        for case in _OPS_CASES
-    ],
-)
+@pytest.mark.parametrize(("kind", "levels"), _OPS_CASES)
 def test_at_most_150_top_level_operations_per_level_for_forward_and_backward(kind, levels, monkeypatch):
     """Counted on the device path: the CPU branches that read the host are switched off."""
     monkeypatch.setattr(engine, "reads_host", lambda x: False)

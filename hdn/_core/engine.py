@@ -32,8 +32,10 @@ class Segments(NamedTuple):
             ``e`` is pixel ``e % N`` (each copy a partition of the pixels, say).
         rows: optional, for contexts of nearly equal size (the whole image, grid cells),
             whose medians are then taken per row by :func:`torch.nanmedian` instead of from
-            the sort: ``(num, C)`` int64 pixels of each segment padded with ``N``, or an int
-            ``C`` when segment ``s`` is pixels ``[s * C, (s + 1) * C)`` and ``num * C == N``.
+            the sort: ``(num, C)`` int64 pixels of each segment padded with ``N``, or, for a
+            regular grid, ``(cells, h, w)``: images of ``cells * h`` x ``cells * w`` pixels
+            whose segment ``b * cells**2 + r * cells + c`` is cell ``(r, c)`` of image ``b``
+            (a strided view: no table; ``(1, H, W)`` is the whole image).
         target_median: optional ``(num + 1,)`` int64, the pixel of each segment's lower
             target median (any pixel for the spare), where the contexts know it already
             (intervals of a sorted target).
@@ -42,7 +44,7 @@ class Segments(NamedTuple):
     seg: Tensor
     num: int
     copies: int = 1
-    rows: Tensor | int | None = None
+    rows: Tensor | tuple[int, int, int] | None = None
     target_median: Tensor | None = None
 
 
@@ -73,15 +75,20 @@ def reads_host(x: Tensor) -> bool:
 
 class _Counts(NamedTuple):
     member: Tensor  # (M,) bool
-    count: Tensor  # (S + 1,) int64 members per segment (0 for the spare)
+    count: Tensor  # (S,) int64 members per segment (0 for the spare)
     entries: Tensor  # member laid out as the entries (:func:`_member_entries`)
+    plus_one: Tensor  # count + 1, the scale's divisor
 
 
 def _counts(level: Segments) -> _Counts:
     member = level.seg < level.num
-    count = torch.zeros(level.num + 1, dtype=torch.int64, device=level.seg.device)
-    count = count.scatter_add(0, level.seg, member.to(torch.int64))
-    return _Counts(member, count, _member_entries(member, level))
+    entries = _member_entries(member, level)
+    if _dense(level):
+        count = entries.sum(-1)
+    else:
+        count = torch.zeros(level.num + 1, dtype=torch.int64, device=level.seg.device)
+        count = count.scatter_add(0, level.seg, member.to(torch.int64))
+    return _Counts(member, count, entries, count + 1)
 
 
 def _member_entries(member: Tensor, level: Segments) -> Tensor:
@@ -91,10 +98,10 @@ def _member_entries(member: Tensor, level: Segments) -> Tensor:
 
 def segment_sum(values: Tensor, level: Segments) -> Tensor:
     """Per-segment sums of the entries ``values`` (``(R, M)``, or ``(R, num, C)`` laid out as
-    :func:`_entries`), accumulated in float64, ``(R, S + 1)``: a context's sum never depends
-    on another's values."""
+    :func:`_entries`) in float64, ``(R, S)``: a context's sum never depends on another's
+    values. Entries are added in float64, rows by :func:`torch.sum`'s pairwise summation."""
     if _dense(level):
-        return torch.nn.functional.pad(values.sum(2, dtype=torch.float64), (0, 1))
+        return values.sum(2).to(torch.float64)
     sums = torch.zeros(values.shape[0], level.num + 1, dtype=torch.float64, device=values.device)
     values = values if values.dtype == torch.float64 else values.to(torch.float64)
     return sums.scatter_add(1, level.seg.expand(values.shape), values)
@@ -102,23 +109,27 @@ def segment_sum(values: Tensor, level: Segments) -> Tensor:
 
 def _dense(level: Segments) -> bool:
     """Whether the level gives its segments as rows (nearly equal sizes): then entries are laid
-    out ``(R, num, C)`` and per-segment values broadcast along the rows."""
+    out ``(R, num, C)``, per-segment values ``(R, S)`` have no column for the spare
+    (``S = num``, else ``num + 1``) and broadcast along the rows."""
     return level.rows is not None and level.copies == 1
 
 
 def _entries(x: Tensor, level: Segments, fill: float = 0) -> Tensor:
     """Pixel values ``(R, N)`` at the level's entries: ``(R, num, C)`` (padding ``fill``) or
     ``(R, M)``."""
-    if isinstance(level.rows, int):
-        return x.view(x.shape[0], level.num, level.rows)
+    if isinstance(level.rows, tuple):
+        cells, h, w = level.rows
+        if cells == 1:
+            return x.view(x.shape[0], level.num, h * w)
+        return x.view(x.shape[0], -1, cells, h, cells, w).transpose(3, 4).reshape(x.shape[0], level.num, h * w)
     if level.rows is not None:
         return torch.cat([x, x.new_full((x.shape[0], 1), fill)], 1)[:, level.rows]
     return x if level.copies == 1 else x.repeat(1, level.copies)
 
 
 def _spread(values: Tensor, level: Segments) -> Tensor:
-    """Per-segment values ``(R, S + 1)`` at every entry (broadcastable to :func:`_entries`)."""
-    return values[:, : level.num, None] if _dense(level) else values.index_select(1, level.seg)
+    """Per-segment values ``(R, S)`` at every entry (broadcastable to :func:`_entries`)."""
+    return values.unsqueeze(2) if _dense(level) else values.index_select(1, level.seg)
 
 
 def _to_pixels(values: Tensor, level: Segments, shape: torch.Size) -> Tensor:
@@ -127,6 +138,9 @@ def _to_pixels(values: Tensor, level: Segments, shape: torch.Size) -> Tensor:
     if torch.is_tensor(level.rows):  # rows of pixels padded with N: the padding lands in a dropped column
         out = values.new_zeros(*shape[:-1], shape[-1] + 1)
         return out.index_add(len(shape) - 1, level.rows.reshape(-1), values.reshape(*shape[:-1], -1))[..., :-1]
+    if isinstance(level.rows, tuple) and level.rows[0] > 1:
+        cells, h, w = level.rows
+        return values.reshape(*shape[:-1], -1, cells, cells, h, w).transpose(-3, -2).reshape(shape)
     if level.copies > 1:
         return values.view(*shape[:-1], level.copies, shape[-1]).sum(-2)
     return values.reshape(shape)
@@ -135,7 +149,7 @@ def _to_pixels(values: Tensor, level: Segments, shape: torch.Size) -> Tensor:
 def _median_pixels(
     x: Tensor, level: Segments, c: _Counts, known: Tensor | None = None, keys: list | None = None
 ) -> Tensor:
-    """The pixel of each segment's lower median of each row of ``x`` ``(R, N)``, ``(R, S + 1)``
+    """The pixel of each segment's lower median of each row of ``x`` ``(R, N)``, ``(R, S)``
     (any pixel for an empty segment); ``known``: the last row's, if known already; ``keys``:
     each row's :func:`value_key`, if made already."""
     keys = [value_key(row) for row in x] if keys is None and not _dense(level) else keys
@@ -144,21 +158,25 @@ def _median_pixels(
         return torch.stack([_sorted_median_pixels(keys[0], level, c), known])
     if _dense(level):
         column = torch.nanmedian(_entries(torch.where(c.member, x, float("nan")), level, float("nan")), dim=2).indices
-        if isinstance(level.rows, int):
-            return torch.nn.functional.pad(torch.arange(0, N, level.rows, device=x.device) + column, (0, 1))
-        pixel = level.rows.gather(1, column.T).T  # (the padding's N for an empty cell)
-        return torch.nn.functional.pad(pixel.clamp(max=N - 1), (0, 1))
+        if isinstance(level.rows, tuple):  # cell (b, r, c)'s first pixel, plus the column's offset
+            cells, h, w = level.rows
+            if cells == 1:
+                return torch.arange(0, N, h * w, device=x.device) + column
+            cell = torch.arange(level.num, device=x.device)
+            first = (cell // cells * h * cells + cell % cells) * w  # (images are cells * h rows of cells * w)
+            return first + column // w * (cells * w) + column % w
+        return level.rows.gather(1, column.T).T.clamp(max=N - 1)  # (the padding's N for an empty cell)
     return torch.stack([_sorted_median_pixels(key, level, c) for key in keys])
 
 
 def _sorted_median_pixels(key: Tensor, level: Segments, c: _Counts) -> Tensor:
     """:func:`_median_pixels` of one row from its :func:`value_key` ``(N,)``: one sort of the
-    entries by (segment, value), ``(S + 1,)``."""
+    entries by (segment, value), ``(S,)``."""
     key = key if level.copies == 1 else key.repeat(level.copies)
     order = sorted_members((level.seg << 32) | key, c.member)  # (ties by position: stable)
     if not order.numel():  # (no member at all: a size known on the host)
         return c.count.clamp(max=0)
-    middle = (torch.cumsum(c.count, 0) - c.count + (c.count - 1).clamp(min=0) // 2).clamp(max=order.numel() - 1)
+    middle = (torch.cumsum(c.count, 0) - c.count // 2 - 1).clamp(0, order.numel() - 1)  # start + (n - 1) // 2
     entry = order[middle]
     return entry if level.copies == 1 else entry % (key.numel() // level.copies)
 
@@ -178,10 +196,10 @@ def sorted_members(key: Tensor, member: Tensor) -> Tensor:
 def _statistics(x: Tensor, level: Segments, c: _Counts, median: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """For rows ``x`` ``(R, N)``: per entry its value less its segment's shift ``t`` (0 off the
     members, laid out as :func:`_entries`), and per segment ``t`` and ``s + eps``
-    (``(R, S + 1)``)."""
+    (``(R, S)``)."""
     t = torch.where(c.count > 0, x.gather(1, median), 0)
     centered = torch.where(c.entries, _entries(x, level) - _spread(t, level), 0)  # no NaN reaches the spare
-    denominator = (segment_sum(centered.abs(), level) / (c.count + 1)).to(x.dtype) + EPS
+    denominator = (segment_sum(centered.abs(), level) / c.plus_one).to(x.dtype) + EPS
     return centered, t, denominator
 
 
@@ -217,33 +235,37 @@ class _LevelLoss(torch.autograd.Function):
         sign = torch.sign(diff).to(torch.int8)  # 0 off the members
         loss = _to_pixels(diff.abs(), level, p.shape)
         count = _to_pixels(member.to(p.dtype), level, p.shape)
-        median[1] += p.numel()  # (the pixels of x.view(-1))
         row_tensor = rows if torch.is_tensor(rows) else None
-        ctx.save_for_backward(p, g, seg, row_tensor, sign, c.count, t, den, median.view(-1))
-        ctx.copies, ctx.num, ctx.rows, ctx.detach_pred_median = copies, num, rows if isinstance(rows, int) else None, detach_pred_median
+        ctx.save_for_backward(p, g, seg, row_tensor, sign, c.plus_one, t, den, median)
+        ctx.copies, ctx.num, ctx.rows, ctx.detach_pred_median = copies, num, None if torch.is_tensor(rows) else rows, detach_pred_median
         ctx.mark_non_differentiable(count)
         return loss, count
 
     @staticmethod
     def backward(ctx, grad_loss, _):  # type: ignore[override]
-        p, g, seg, row_tensor, sign, count, t, den, median = ctx.saved_tensors
+        p, g, seg, row_tensor, sign, plus_one, t, den, median = ctx.saved_tensors
         level = Segments(seg, ctx.num, ctx.copies, ctx.rows if row_tensor is None else row_tensor)
-        x = torch.stack([p, g])
+        rows = 2 if ctx.needs_input_grad[1] else 1  # (the target's row only where it needs one)
+        if rows == 1:
+            p, t, den, median = p.unsqueeze(0), t[:1], den[:1], median[:1]
+        x = torch.stack([p, g]) if rows == 2 else p
         member = _member_entries(seg < ctx.num, level)
         centered = torch.where(member, _entries(x, level) - _spread(t, level), 0)
         upstream = _entries(grad_loss.unsqueeze(0), level)[0] * sign
-        a = torch.stack([upstream, -upstream])  # d loss / d (p_hat, g_hat) per entry
+        a = torch.stack([upstream, -upstream]) if rows == 2 else upstream.unsqueeze(0)  # d loss / d (p_hat, g_hat)
         # d/dc of a * c / D: directly, and through D = sum |c| / (n + 1) + eps
         grad_den = segment_sum(a * centered, level) / den.to(torch.float64).square()
-        grad_c = a / _spread(den, level) - _spread((grad_den / (count + 1)).to(x.dtype), level) * centered.sign()
+        grad_c = a / _spread(den, level) - _spread((grad_den / plus_one).to(x.dtype), level) * centered.sign()
         grad_c = torch.where(member, grad_c, 0)
         grad_x = _to_pixels(grad_c, level, x.shape)
+        if rows == 1 and ctx.detach_pred_median:
+            return grad_x[0], None, None, None, None, None, None, None, None
         # t is the median pixel's value: it takes -sum(grad_c) (0 for an empty segment)
         grad_t = segment_sum(grad_c, level).to(x.dtype)
         if ctx.detach_pred_median:
             grad_t = grad_t * torch.tensor([[0.0], [1.0]], dtype=x.dtype, device=x.device)
-        grad_p, grad_g = grad_x.reshape(-1).index_add(0, median, grad_t.view(-1), alpha=-1).view(2, -1)
-        return grad_p, grad_g, None, None, None, None, None, None, None
+        grad = grad_x.scatter_add(1, median, -grad_t)
+        return grad[0], grad[1] if rows == 2 else None, None, None, None, None, None, None, None
 
 
 def contexts_ssi_loss(
