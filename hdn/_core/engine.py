@@ -99,9 +99,9 @@ def _member_entries(member: Tensor, level: Segments) -> Tensor:
 def segment_sum(values: Tensor, level: Segments) -> Tensor:
     """Per-segment sums of the entries ``values`` (``(R, M)``, or ``(R, num, C)`` laid out as
     :func:`_entries`) in float64, ``(R, S)``: a context's sum never depends on another's
-    values. Entries are added in float64, rows by :func:`torch.sum`'s pairwise summation."""
+    values. Float64 keeps the sums the same whatever the order in which a machine adds them."""
     if _dense(level):
-        return values.sum(2).to(torch.float64)
+        return values.sum(2, dtype=torch.float64)
     sums = torch.zeros(values.shape[0], level.num + 1, dtype=torch.float64, device=values.device)
     values = values if values.dtype == torch.float64 else values.to(torch.float64)
     return sums.scatter_add(1, level.seg.expand(values.shape), values)
@@ -186,10 +186,9 @@ def sorted_members(key: Tensor, member: Tensor) -> Tensor:
     sort before the spare segment and so come first. On the CPU, where a host read costs
     nothing, only the members are sorted (the sort is the engine's largest cost, and sparse
     targets have few members); elsewhere, and under compile, every entry."""
-    if reads_host(key):
+    if reads_host(key) and 2 * int(member.sum()) < key.numel():  # (compacting costs two gathers)
         kept = member.nonzero().squeeze(1)
-        if 2 * kept.numel() < key.numel():  # (compacting costs two gathers: worth it when sparse)
-            return kept[torch.sort(key[kept], stable=True).indices]
+        return kept[torch.sort(key[kept], stable=True).indices]
     return torch.sort(key, stable=True).indices
 
 
