@@ -219,7 +219,8 @@ class _LevelLoss(torch.autograd.Function):
     """One level: per pixel, the sum of ``|p_hat - g_hat|`` over its contexts, ``(N,)``, and
     its number of contexts (not differentiable). Prediction and target are stacked, ``(2, N)``,
     so that each step is one operation for both. The backward keeps, per entry, the sign of
-    ``p_hat - g_hat`` (int8) and recomputes the centred values from the inputs."""
+    ``p_hat - g_hat`` (int8) and recomputes the centred values from the inputs, the target's
+    only where the target needs a gradient."""
 
     @staticmethod
     def forward(ctx, p, g, seg, copies, rows, target_median, num: int, detach_pred_median: bool, keys):  # type: ignore[override]
