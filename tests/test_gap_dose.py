@@ -72,3 +72,52 @@ def test_cli_runs_controls_only_and_resumes(tmp_path, monkeypatch):
     assert gd.main(argv) == []
     with pytest.raises(ValueError, match="shard"):
         gd.main(["--shard", "4/4", "--out", str(out)])
+
+
+def _with_scenes(rows):
+    return [{**r, "relief_plane_per_scene": [r["metrics"]["relief_error_plane"] + e for e in (-0.01, 0.0, 0.01)]}
+            for r in rows]  # fmt: skip
+
+
+def test_the_disparity_arm_pairs_by_seed_under_its_own_name():
+    rows = _rows(seeds=[0, 1], backgrounds=["ground"])
+    rows += [{"config": {"arm": "ssi", "seed": s, "background": "ground", "disparity_fraction": 1.0},
+              "metrics": {"relief_error_plane": 0.7}} for s in (0, 1)]  # fmt: skip
+    ground = gd.setting_rows(rows, "ground")
+    assert sorted({r["config"]["arm"] for r in ground}) == sorted(
+        ["object", "ssi", "hdn-dr", "hdn-ds", gd.DISPARITY_ARM]
+    )
+    assert gd.setting_rows(rows, "far") == []
+    assert rows[-1]["config"]["arm"] == "ssi"  # the caller's rows are left as they were
+
+
+def test_differences_follow_the_rule_and_skip_failed_controls_and_lone_seeds():
+    rows = _rows(slope=-0.1)
+    rows = [r for r in rows if r["config"]["background"] != "mid"]
+    rows += [r for r in _rows(control=0.9) if r["config"]["background"] == "mid"]  # gate fails
+    rows += [{"config": {"arm": "ssi", "seed": s, "background": "ground", "disparity_fraction": 1.0},
+              "metrics": {"relief_error_plane": 0.5}} for s in gd.SEEDS]  # fmt: skip
+    rows += [{"config": {"arm": "hdn-dp", "seed": 0, "background": "far"},
+              "metrics": {"relief_error_plane": 0.1}}]  # one seed: no interval
+    table = {(d["background"], d["arm"], d["baseline"]): d for d in gd.differences(_with_scenes(rows))}
+    assert {b for b, _, _ in table} == {"far", "close", "ground"}
+    far_dr = table["far", "hdn-dr", "ssi"]
+    assert far_dr["seeds"] == 5 and far_dr["mean"] == pytest.approx(-0.3 + 0.02)
+    assert far_dr["verdict"] == "keeps finer near detail" and far_dr["high"] < 0
+    assert far_dr["boot_low"] <= far_dr["mean"] <= far_dr["boot_high"]
+    ground_dr = table["ground", "hdn-dr", "ssi"]  # 0.01 * seed: 0.00 ... 0.04
+    assert ground_dr["mean"] == pytest.approx(0.02) and ground_dr["verdict"] == "loses near detail"
+    assert table["ground", "hdn-ds", gd.DISPARITY_ARM]["verdict"] == "loses near detail"
+    assert ("far", "hdn-dp", "ssi") not in table
+
+
+def test_dose_response_gives_each_arm_its_interval_and_progress_counts_the_plan():
+    rows = _rows(seeds=[0, 1, 2])
+    points = {(p["background"], p["arm"]): p for p in gd.dose_response(rows)}
+    assert points["far", "object"]["mean"] == pytest.approx(0.5) and points["far", "object"]["seeds"] == 3
+    dr = points["close", "hdn-dr"]
+    assert dr["low"] < dr["mean"] < dr["high"] and dr["rank"] == 1
+    assert gd.dose_response(_rows(seeds=[0])) == []
+    planned = gd.plan()
+    done = [{"key": c.key()} for c in planned[:7]] + [{"key": "another experiment"}]
+    assert gd.progress(done) == (7, len(planned)) == (7, 105)

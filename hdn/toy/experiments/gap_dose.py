@@ -80,14 +80,19 @@ from hdn.toy.relief import BACKGROUNDS
 __all__ = [
     "ARMS",
     "CONTROL_GATE",
+    "DISPARITY_ARM",
     "GAP_RANK",
     "RESULTS",
     "SEEDS",
     "SETTING",
     "control_passes",
+    "differences",
+    "dose_response",
     "load_rows",
     "main",
     "plan",
+    "progress",
+    "setting_rows",
     "trend",
 ]
 
@@ -96,6 +101,10 @@ ARMS = ("ssi", "hdn-dr", "hdn-ds", "hdn-dp")
 SEEDS = (0, 1, 2, 3, 4)
 #: Gap rank of each background: 3 isolated in depth ... 0 no gap.
 GAP_RANK = {"far": 3, "mid": 2, "close": 1, "ground": 0}
+#: The name under which the analysis shows ``ssi`` trained on disparity labels (in ``ground``).
+DISPARITY_ARM = "ssi-disparity"
+#: The primary metric (plane-aligned relief error) and its per-scene field.
+METRIC, PER_SCENE = "relief_error_plane", "relief_plane_per_scene"
 #: The control's primary metric must be below this in every seed of a setting.
 CONTROL_GATE = 0.75
 
@@ -171,6 +180,76 @@ def trend(rows: Sequence[dict], arm: str) -> tuple[float, float, float]:
         else:
             slopes.append(float(np.polyfit(ranks, np.array(diffs), 1)[0]))
     return _fd.paired_t_interval(slopes)
+
+
+def setting_rows(rows: Sequence[dict], background: str) -> list[dict]:
+    """The rows of one setting, every arm under its own name: the disparity-label ``ssi`` runs
+    of ``ground`` become :data:`DISPARITY_ARM`, so that every arm pairs with every other by seed."""
+    out = list(_setting_rows(rows, background))
+    for r in _setting_rows(rows, background, disparity=1.0):
+        out.append({**r, "config": {**r["config"], "arm": DISPARITY_ARM}})
+    return out
+
+
+def progress(rows: Sequence[dict]) -> tuple[int, int]:
+    """How many of the pre-registered runs (:func:`plan`) ``rows`` hold, and how many there are."""
+    planned = {c.key() for c in plan()}
+    return len(planned & {r["key"] for r in rows}), len(planned)
+
+
+def dose_response(rows: Sequence[dict]) -> list[dict]:
+    """Per setting and arm with at least two seeds: the primary metric's mean over the seeds and
+    its 95 % t-interval (``background``, ``rank``, ``arm``, ``seeds``, ``mean``, ``low``,
+    ``high``), in the order of the settings (far ... ground) and of the arms (control first)."""
+    out = []
+    for background in BACKGROUNDS:
+        by_arm: dict[str, list[float]] = {}
+        for r in setting_rows(rows, background):
+            by_arm.setdefault(r["config"]["arm"], []).append(r["metrics"][METRIC])
+        for arm in ("object", *ARMS, DISPARITY_ARM):
+            values = by_arm.get(arm, [])
+            if len(values) >= 2:
+                mean, low, high = _fd.paired_t_interval(values)
+                out.append({"background": background, "rank": GAP_RANK[background], "arm": arm,
+                            "seeds": len(values), "mean": mean, "low": low, "high": high})  # fmt: skip
+    return out
+
+
+def differences(rows: Sequence[dict]) -> list[dict]:
+    """The pre-registered comparisons: per setting whose control passed, per HDN arm ``X`` and
+    baseline (``ssi``; in ``ground`` also :data:`DISPARITY_ARM`) with at least two paired seeds,
+    the paired difference ``relief(X) - relief(baseline)``: its mean over the seeds, 95 %
+    t-interval and verdict (:func:`hdn.toy.experiments.fine_detail.verdict`), and the bootstrap
+    interval over the test scenes beside it (``boot_low``, ``boot_high``; it does not decide).
+
+    Examples:
+        >>> rows = [{"config": {"arm": a, "seed": s, "background": b},
+        ...          "metrics": {"relief_error_plane": v}, "relief_plane_per_scene": [v, v]}
+        ...         for s in SEEDS for b in GAP_RANK
+        ...         for a, v in (("object", 0.5), ("ssi", 1.0), ("hdn-dr", 0.8 + 0.01 * s))]
+        >>> d = differences(rows)[0]
+        >>> d["background"], d["arm"], d["seeds"], round(d["mean"], 3), d["verdict"]
+        ('far', 'hdn-dr', 5, -0.18, 'keeps finer near detail')
+    """
+    out = []
+    for background in BACKGROUNDS:
+        if not control_passes(rows, background):
+            continue
+        here = setting_rows(rows, background)
+        baselines = ("ssi", DISPARITY_ARM) if background == "ground" else ("ssi",)
+        for baseline in baselines:
+            for arm in ARMS[1:]:
+                paired = _fd.paired_differences(here, arm, baseline, metric=METRIC)
+                if len(paired) < 2:
+                    continue
+                mean, low, high = _fd.paired_t_interval(list(paired.values()))
+                scenes = _fd.scene_differences(here, arm, baseline, field=PER_SCENE)
+                _, boot_low, boot_high = _fd.bootstrap_interval(scenes)
+                out.append({"background": background, "rank": GAP_RANK[background], "arm": arm,
+                            "baseline": baseline, "seeds": len(paired), "mean": mean, "low": low,
+                            "high": high, "verdict": _fd.verdict(low, high),
+                            "boot_low": boot_low, "boot_high": boot_high})  # fmt: skip
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
