@@ -345,7 +345,7 @@ def test_descend_keeps_its_old_behaviour_without_regions():
     p = pred.clone()
     for k in range(2):
         grad = loss_gradient(fn, p, target, mask)
-        p = p - 0.01 * grad / grad.abs()[mask].mean()
+        p = p - 0.01 * (grad / grad.abs()[mask].mean())  # descend's order of operations
         torch.testing.assert_close(new[k + 1], p, rtol=0, atol=0)
 
 
