@@ -121,3 +121,16 @@ def test_dose_response_gives_each_arm_its_interval_and_progress_counts_the_plan(
     planned = gd.plan()
     done = [{"key": c.key()} for c in planned[:7]] + [{"key": "another experiment"}]
     assert gd.progress(done) == (7, len(planned)) == (7, 105)
+
+
+def test_committed_rows_are_planned_runs_of_one_clean_commit_controls_first():
+    rows = gd.load_rows()
+    planned = [c.key() for c in gd.plan()]
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)) and set(keys) <= set(planned)
+    assert {(r["git_commit"], r["git_dirty"]) for r in rows} == {(rows[0]["git_commit"], False)}
+    # the controls come first: every control's row lies before the first comparison's
+    arms = [r["config"]["arm"] for r in rows]
+    first_comparison = next((i for i, a in enumerate(arms) if a != "object"), len(rows))
+    assert set(planned[:20]) <= set(keys[:first_comparison])
+    assert all(gd.control_passes(rows, b) is not None for b in BACKGROUNDS)
