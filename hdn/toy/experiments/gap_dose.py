@@ -94,6 +94,7 @@ __all__ = [
     "progress",
     "setting_rows",
     "trend",
+    "trend_reading",
 ]
 
 #: The comparison arms in every setting (the control ``object`` runs first, see ``plan``).
@@ -146,7 +147,7 @@ def control_passes(
     if not set(seeds) <= {r["config"]["seed"] for r in control}:
         return None
     control = [r for r in control if r["config"]["seed"] in set(seeds)]
-    return all(r["metrics"]["relief_error_plane"] < CONTROL_GATE for r in control)
+    return all(r["metrics"][METRIC] < CONTROL_GATE for r in control)
 
 
 def trend(rows: Sequence[dict], arm: str) -> tuple[float, float, float]:
@@ -173,13 +174,27 @@ def trend(rows: Sequence[dict], arm: str) -> tuple[float, float, float]:
     for seed in SEEDS:
         diffs = []
         for b in settings:
-            d = _fd.paired_differences(_setting_rows(rows, b), arm, metric="relief_error_plane")
+            d = _fd.paired_differences(_setting_rows(rows, b), arm, metric=METRIC)
             if seed not in d:
                 break
             diffs.append(d[seed])
         else:
             slopes.append(float(np.polyfit(ranks, np.array(diffs), 1)[0]))
     return _fd.paired_t_interval(slopes)
+
+
+def trend_reading(low: float, high: float) -> str:
+    """The pre-registered reading of the trend's 95 % interval (slope per gap rank).
+
+    Examples:
+        >>> trend_reading(-0.2, -0.1), trend_reading(-0.1, 0.1), trend_reading(0.1, 0.2)
+        ('shrinks as the gap closes', 'no trend shown', 'grows as the gap closes')
+    """
+    if high < 0:
+        return "shrinks as the gap closes"
+    if low > 0:
+        return "grows as the gap closes"
+    return "no trend shown"
 
 
 def setting_rows(rows: Sequence[dict], background: str) -> list[dict]:
