@@ -170,23 +170,25 @@ def sorted_target(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor
     ``(B,)``. One flat stable sort of integer keys (image, then value; two for float64), a
     radix sort on CPU and CUDA, of the valid pixels (:func:`hdn._core.engine.sorted_members`)."""
     B = target.shape[0]
-    rows = torch.where(valid, target, float("inf")).reshape(-1)
-    N, P = rows.numel(), rows.numel() // max(B, 1)
-    image = torch.arange(N, device=rows.device) // P
+    rows = torch.where(valid, target, float("inf")).reshape(B, -1)
+    N, P = rows.numel(), rows.shape[1]
+    first = torch.arange(B, device=rows.device).unsqueeze(1)  # (each image's pixels: [b * P, (b + 1) * P))
     keep = valid.reshape(-1)
     if rows.dtype == torch.float32:  # the image above the value's 32 bits
-        order = sorted_members((image << 32) | ordered_bits(rows), keep)
+        order = sorted_members((ordered_bits(rows) + (first << 32)).view(-1), keep)
     else:
-        order = sorted_members(ordered_bits(rows), keep)
-        order = order.gather(0, torch.sort(image.gather(0, order), stable=True).indices)
+        order = sorted_members(ordered_bits(rows).view(-1), keep)
+        order = order.gather(0, torch.sort(order // P, stable=True).indices)
+    rows = rows.view(-1)
     count = keep.view(B, P).sum(1)
     if order.numel() < N:  # the valid pixels only (CPU): to their places in (B, P)
+        image = order // P
         start = torch.cumsum(count, 0) - count
-        at = image[order] * P + torch.arange(order.numel()) - start[image[order]]
+        at = image * P + torch.arange(order.numel()) - start[image]
         order = torch.zeros(N, dtype=torch.int64).index_put_((at,), order)
         rows = torch.full_like(rows, float("inf")).index_put_((at,), rows[order[at]])
         return rows.view(B, P), (order % P).view(B, P), count
-    return rows.gather(0, order).view(B, P), (order % P).view(B, P), count
+    return rows.gather(0, order).view(B, P), order.view(B, P) - first * P, count
 
 
 class _Finest(NamedTuple):
@@ -195,7 +197,7 @@ class _Finest(NamedTuple):
     last: Tensor  # (B, P) each pixel's last finest bin whose lower edge it reaches (0 if none)
     reached: Tensor  # (B, P) valid and at or above the lowest edge
     inside: Tensor  # (B, P) reached and below that bin's upper edge: then in a bin at every level
-    medians: Tensor  # (B, 2**L - 2) each bin's target median pixel, level by level from level 1
+    medians: Tensor  # (B, 2**L - 1) each bin's target median pixel, level by level
     image: Tensor  # (B, 1) the image indices
     overlaps: list[bool]  # per level, whether two bins may overlap
 
@@ -249,13 +251,14 @@ class IntervalContexts(Contexts):
             g = self._target.reshape(B, -1)
             inside = self.valid.reshape(B, -1) & (g >= self.lower[0]) & (g < self.upper[0])
             seg = torch.where(inside, torch.arange(B, device=g.device).unsqueeze(1), B).view(-1)
-            return Segments(seg, B, rows=(1, H, W))
+            known = None if self._sorted is None else self._finest().medians[:, 0]  # (L = 1: no sort)
+            return Segments(seg, B, rows=(1, H, W), target_median=known)
         K, shift = self.per_image[level], self.num_levels - 1 - level
         fine = self._finest()
         last = fine.last >> shift if shift else fine.last  # the levels nest: finest bin j is in bin j >> shift
         bins = last.add(fine.image, alpha=K)
         seg = torch.where(fine.inside, bins, B * K).view(-1)
-        median = torch.nn.functional.pad(fine.medians[:, K - 2 : 2 * K - 2].reshape(-1), (0, 1))
+        median = torch.nn.functional.pad(fine.medians[:, K - 1 : 2 * K - 1].reshape(-1), (0, 1))
         if not fine.overlaps[level]:
             return Segments(seg, B * K, target_median=median)
         # DR's + 1e-30 can keep a pixel in the bin before as well (no bin before bin 0: -inf)
@@ -278,8 +281,8 @@ class IntervalContexts(Contexts):
             start = torch.searchsorted(values, lower)  # (at most the valid count: +inf after it)
             end = torch.searchsorted(values, upper)
             # every level's bins are runs [start, end) of the sorted depths: their middles, level
-            # by level from level 1 (level 0 takes row medians), (B, 2**L - 2)
-            steps = [1 << (self.num_levels - 1 - lvl) for lvl in range(1, self.num_levels)]
+            # by level, (B, 2**L - 1)
+            steps = [1 << (self.num_levels - 1 - lvl) for lvl in range(self.num_levels)]
             start = torch.cat([start[:, ::step] for step in steps], 1)
             end = torch.cat([end[:, step - 1 :: step] for step in steps], 1)
             middle = torch.div(start + end - 1, 2, rounding_mode="floor").clamp(0, H * W - 1)

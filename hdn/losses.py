@@ -77,8 +77,10 @@ def _engine_loss(
     """The engine on checked ``(B, H, W)`` inputs: flat statistics-dtype tensors, the valid
     pixels that both the inputs and the contexts allow, every level's segments."""
     dtype = stats_dtype(p, g)
-    valid = valid if valid is contexts.valid else valid & contexts.valid
     levels = (contexts.segments(level) for level in range(contexts.num_levels))  # (made on use)
+    if valid is not contexts.valid:  # every context is intersected with the loss's valid pixels
+        valid = valid & contexts.valid
+        levels = (level.within(valid.reshape(-1)) for level in levels)
     p, g = (x if x.dtype == dtype else x.to(dtype) for x in (p, g))
     return contexts_ssi_loss(
         p.reshape(-1),

@@ -315,3 +315,47 @@ def test_at_most_150_top_level_operations_per_level_for_forward_and_backward(kin
     loss(p, target, None, "mean").backward()  # (warm: cached layouts)
     ops = top_level_aten_ops(lambda: loss(p, target, None, "mean").backward())
     assert ops <= 150 * levels, (kind, levels, ops)
+
+
+# --- the CPU branch for sparse batches -------------------------------------------------------
+
+
+def _random_kind_loss(kind: str):
+    def fn(p, g, m, r):
+        gen = torch.Generator().manual_seed(3)
+        build = C.random_crops if kind == "crops" else C.random_depth_intervals
+        return hdn.contexts_loss(p, g, m, build(g, m, num=4, generator=gen), reduction=r)
+    return fn
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["ssi", "dr", "dp", "ds", "labels", "crops", "intervals"])
+def test_a_sparse_batch_worked_on_its_valid_pixels_alone_equals_the_device_path(kind, reduction, monkeypatch):
+    """On the CPU a batch with fewer than half its pixels valid is compacted to them: the
+    values and gradients are those of the path that keeps every pixel (float64, 1e-12)."""
+    gen = _gen("sparse", kind)
+    shape = (3, 1, 18, 23)
+    pred = torch.randn(shape, generator=gen, dtype=F64)
+    target = torch.rand(shape, generator=gen, dtype=F64) * 5 + 1
+    mask = torch.rand(shape, generator=gen) < 0.3
+    mask[2] = False  # an image without valid pixels
+    pred[~mask] = NAN  # never read where invalid
+    loss = _random_kind_loss(kind) if kind in ("crops", "intervals") else _loss(kind)
+    calls = []
+    over = engine.Segments.over
+    monkeypatch.setattr(engine.Segments, "over", lambda *a: calls.append(1) or over(*a))
+
+    def value_and_grad():
+        p = pred.clone().requires_grad_(True)
+        out = loss(p, target, mask, reduction)
+        (out * torch.linspace(1, 2, out.numel(), dtype=F64).view(out.shape)).sum().backward()
+        return out.detach(), p.grad
+
+    compacted = value_and_grad()
+    assert calls, "the sparse batch took the compacting branch"
+    monkeypatch.setattr(engine, "reads_host", lambda x: False)
+    calls.clear()
+    every_pixel = value_and_grad()
+    assert not calls
+    for got, want in zip(compacted, every_pixel):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

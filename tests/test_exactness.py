@@ -555,6 +555,37 @@ def test_from_labels_loss_matches_reference_hierarchical_loss():
     _compare(got, want, pred, target)
 
 
+@pytest.mark.parametrize(
+    "builder",
+    [
+        lambda g: C.depth_range(g, levels=3),
+        lambda g: C.depth_percentile(g, levels=3),
+        lambda g: C.spatial_grid(g, levels=3),
+        lambda g: C.random_depth_intervals(g, num=4, generator=torch.Generator().manual_seed(1)),
+        lambda g: C.random_crops(g, num=4, generator=torch.Generator().manual_seed(1)),
+    ],
+    ids=["dr", "dp", "ds", "intervals", "crops"],
+)
+def test_contexts_loss_with_a_mask_narrower_than_the_contexts_intersects_every_context(builder):
+    """Contexts built on the whole target, a loss mask that takes out a third of the pixels:
+    the taken-out pixels shape no context's statistics (docs/semantics.md: a context is
+    always intersected with the valid mask)."""
+    gen = _gen("narrow mask")
+    shape = (2, 12, 17)
+    pred = torch.randn(shape, generator=gen, dtype=F64)
+    target = 0.5 + 3 * torch.rand(shape, generator=gen, dtype=F64)
+    mask = torch.rand(shape, generator=gen, dtype=F64) > 0.33
+    ctx = builder(target)
+    masks = list(ctx.to_masks().unbind(0))
+    assert not all(bool((m <= mask).all()) for m in masks)  # (the contexts reach past the mask)
+    got = _loss_and_grads(hdn.contexts_loss, pred, target, mask, ctx)
+    if ctx.aggregation == "pooled":
+        want = _loss_and_grads(ref.pooled_loss, pred, target, mask, masks, ctx.detach_pred_median)
+    else:
+        want = _loss_and_grads(ref.hierarchical_loss, pred, target, mask, masks)
+    _compare(got, want, pred, target)
+
+
 # --- precision -------------------------------------------------------------------------
 
 

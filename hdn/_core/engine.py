@@ -36,9 +36,9 @@ class Segments(NamedTuple):
             regular grid, ``(cells, h, w)``: images of ``cells * h`` x ``cells * w`` pixels
             whose segment ``b * cells**2 + r * cells + c`` is cell ``(r, c)`` of image ``b``
             (a strided view: no table; ``(1, H, W)`` is the whole image).
-        target_median: optional ``(num + 1,)`` int64, the pixel of each segment's lower
-            target median (any pixel for the spare), where the contexts know it already
-            (intervals of a sorted target).
+        target_median: optional ``(S,)`` int64 (``S = num + 1``, or ``num`` for rows), the
+            pixel of each segment's lower target median (any pixel for the spare), where the
+            contexts know it already (intervals of a sorted target).
     """
 
     seg: Tensor
@@ -46,6 +46,22 @@ class Segments(NamedTuple):
     copies: int = 1
     rows: Tensor | tuple[int, int, int] | None = None
     target_median: Tensor | None = None
+
+    def within(self, keep: Tensor) -> Segments:
+        """The level with the pixels outside ``keep`` ``(N,)`` bool taken out of every
+        segment (a loss's mask narrower than the contexts' own); the target medians are then
+        no longer known."""
+        keep = keep if self.copies == 1 else keep.repeat(self.copies)
+        return self._replace(seg=torch.where(keep, self.seg, self.num), target_median=None)
+
+    def over(self, pixels: Tensor, place: Tensor) -> Segments:
+        """The level over the pixels ``pixels`` ``(n,)`` alone, which hold all its members;
+        ``place``: ``(N,)`` each pixel's index in ``pixels`` (-1 if not there)."""
+        seg = self.seg.view(self.copies, -1)[:, pixels].reshape(-1)
+        known = None if self.target_median is None else place[self.target_median].clamp(min=0)
+        if known is not None and known.numel() == self.num:  # (rows have no spare segment)
+            known = torch.nn.functional.pad(known, (0, 1))
+        return Segments(seg, self.num, self.copies, None, known)  # (empty segments: any pixel)
 
 
 def ordered_bits(x: Tensor) -> Tensor:
@@ -68,8 +84,8 @@ def value_key(x: Tensor) -> Tensor:
 
 def reads_host(x: Tensor) -> bool:
     """Whether a branch may read ``x``'s values on the host: on the CPU, where that costs
-    nothing, and not under compile. The CPU branches (sorting only the members, DR's overlap
-    check) are the only places that ask."""
+    nothing, and not under compile. The CPU branches (a sparse batch's valid pixels alone,
+    sorting only the members, DR's overlap check) are the only places that ask."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
@@ -152,10 +168,10 @@ def _median_pixels(
     """The pixel of each segment's lower median of each row of ``x`` ``(R, N)``, ``(R, S)``
     (any pixel for an empty segment); ``known``: the last row's, if known already; ``keys``:
     each row's :func:`value_key`, if made already."""
-    keys = [value_key(row) for row in x] if keys is None and not _dense(level) else keys
     R, N = x.shape
-    if known is not None and R == 2 and not _dense(level):  # the prediction's alone
-        return torch.stack([_sorted_median_pixels(keys[0], level, c), known])
+    if known is not None and R == 2:  # the prediction's alone
+        return torch.cat([_median_pixels(x[:1], level, c, keys=keys and keys[:1]), known.unsqueeze(0)])
+    keys = [value_key(row) for row in x] if keys is None and not _dense(level) else keys
     if _dense(level):
         column = torch.nanmedian(_entries(torch.where(c.member, x, float("nan")), level, float("nan")), dim=2).indices
         if isinstance(level.rows, tuple):  # cell (b, r, c)'s first pixel, plus the column's offset
@@ -283,7 +299,9 @@ def contexts_ssi_loss(
 
     Args:
         p, g: ``(N,)`` prediction and target in the statistics dtype.
-        valid: ``(N,)`` bool, the pixels counted in ``N_v`` (the target is read only there).
+        valid: ``(N,)`` bool, the pixels counted in ``N_v``, which hold every member (the
+            target is read only there). On the CPU, a batch with fewer than half its pixels
+            valid is worked on those alone.
         levels: the contexts, level by level (an iterable: each level may be made on use).
         batch: ``B`` (``N = B * H * W``).
         pooled: pool all (context, pixel) losses over their number (the random variants),
@@ -295,18 +313,16 @@ def contexts_ssi_loss(
         the reduced loss; ``"none"`` gives the ``(N,)`` map.
     """
     g = torch.where(valid, g, 0)
-    loss_sum = in_contexts = p.new_zeros(p.shape)
-    keys: list = []  # the value keys of p and g, made once for the levels that sort
-    for i, level in enumerate(level for level in levels if level.seg.numel()):
-        if not _dense(level) and not keys:
-            keys.append(value_key(p.detach()))
-        if not _dense(level) and level.target_median is None and len(keys) < 2:
-            keys.append(value_key(g))
-        loss, count = _LevelLoss.apply(
-            p, g, level.seg, level.copies, level.rows, level.target_median, level.num, detach_pred_median,
-            None if _dense(level) else keys,
+    if reads_host(valid) and 2 * int(valid.sum()) < valid.numel():  # CPU: the valid pixels alone
+        pixels = valid.nonzero().squeeze(1)
+        place = torch.cumsum(valid, 0) - 1
+        loss_sum, in_contexts = _level_sums(
+            p[pixels], g[pixels], (level.over(pixels, place) for level in levels), detach_pred_median
         )
-        loss_sum, in_contexts = (loss, count) if i == 0 else (loss_sum + loss, in_contexts + count)
+        loss_sum = p.new_zeros(p.shape).index_put((pixels,), loss_sum)
+        in_contexts = p.new_zeros(p.shape).index_put((pixels,), in_contexts)
+    else:
+        loss_sum, in_contexts = _level_sums(p, g, levels, detach_pred_median)
     n_valid = valid.sum().to(p.dtype).clamp(min=1)  # (every map below is 0 without members)
     if pooled:  # each pixel's share of the pooled mean, scaled to sum to it over N_v
         loss_map = loss_sum * (n_valid / in_contexts.sum().clamp(min=1))
@@ -319,3 +335,23 @@ def contexts_ssi_loss(
     if reduction == "per_image":
         return loss_map.view(batch, -1).sum(1) / valid.reshape(batch, -1).sum(1).to(p.dtype).clamp(min=1)
     return loss_map
+
+
+def _level_sums(p: Tensor, g: Tensor, levels: Iterable[Segments], detach_pred_median: bool) -> tuple[Tensor, Tensor]:
+    """Per pixel, the sum of its losses over the contexts of every level, and its number of
+    contexts (:class:`_LevelLoss`), ``(N,)`` each."""
+    loss_sum = in_contexts = None
+    keys: list = []  # the value keys of p and g, made once for the levels that sort
+    for level in (level for level in levels if level.seg.numel()):
+        if not _dense(level) and not keys:
+            keys.append(value_key(p.detach()))
+        if not _dense(level) and level.target_median is None and len(keys) < 2:
+            keys.append(value_key(g))
+        loss, count = _LevelLoss.apply(
+            p, g, level.seg, level.copies, level.rows, level.target_median, level.num, detach_pred_median,
+            None if _dense(level) else keys,
+        )
+        loss_sum, in_contexts = (loss, count) if loss_sum is None else (loss_sum + loss, in_contexts + count)
+    if loss_sum is None:  # no entries (no valid pixel, compacted): 0, with gradients
+        return p.new_zeros(p.shape) + (p[:0].sum() + g[:0].sum()), p.new_zeros(p.shape)
+    return loss_sum, in_contexts
