@@ -214,7 +214,11 @@ def _statistics(x: Tensor, level: Segments, c: _Counts, median: Tensor) -> tuple
     (``(R, S)``)."""
     t = torch.where(c.count > 0, x.gather(1, median), 0)
     centered = torch.where(c.entries, _entries(x, level) - _spread(t, level), 0)  # no NaN reaches the spare
-    denominator = (segment_sum(centered.abs(), level) / c.plus_one).to(x.dtype) + EPS
+    if _dense(level) or x.requires_grad:  # (rows sum in float64 as they go; autograd keeps centered)
+        magnitude = centered.abs()
+    else:  # scatter_add sums in the values' dtype: one float64 copy, made absolute in place
+        magnitude = centered.to(torch.float64, copy=True).abs_()
+    denominator = (segment_sum(magnitude, level) / c.plus_one).to(x.dtype) + EPS
     return centered, t, denominator
 
 
@@ -246,10 +250,10 @@ class _LevelLoss(torch.autograd.Function):
         median = _median_pixels(x, level, c, target_median, keys)
         centered, t, den = _statistics(x, level, c, median)
         member = c.entries
-        normalized = centered / _spread(den, level)
+        normalized = centered.div_(_spread(den, level))
         diff = torch.where(member, torch.sub(*normalized), 0)  # (a row's NaN stays in its segment)
         sign = torch.sign(diff).to(torch.int8)  # 0 off the members
-        loss = _to_pixels(diff.abs(), level, p.shape)
+        loss = _to_pixels(diff.abs_(), level, p.shape)
         count = _to_pixels(member.to(p.dtype), level, p.shape)
         row_tensor = rows if torch.is_tensor(rows) else None
         ctx.save_for_backward(p, g, seg, row_tensor, sign, c.plus_one, t, den, median)
@@ -271,8 +275,9 @@ class _LevelLoss(torch.autograd.Function):
         a = torch.stack([upstream, -upstream]) if rows == 2 else upstream.unsqueeze(0)  # d loss / d (p_hat, g_hat)
         # d/dc of a * c / D: directly, and through D = sum |c| / (n + 1) + eps
         grad_den = segment_sum(a * centered, level) / den.to(torch.float64).square()
-        grad_c = a / _spread(den, level) - _spread((grad_den / plus_one).to(x.dtype), level) * centered.sign()
-        grad_c = torch.where(member, grad_c, 0)
+        slope = _spread((grad_den / plus_one).to(x.dtype).neg_(), level)
+        grad_c = torch.addcdiv(centered.sign_().mul_(slope), a, _spread(den, level))
+        grad_c = grad_c.masked_fill_(~member, 0)
         grad_x = _to_pixels(grad_c, level, x.shape)
         if rows == 1 and ctx.detach_pred_median:
             return grad_x[0], None, None, None, None, None, None, None, None
@@ -280,7 +285,7 @@ class _LevelLoss(torch.autograd.Function):
         grad_t = segment_sum(grad_c, level).to(x.dtype)
         if ctx.detach_pred_median:
             grad_t = grad_t * torch.tensor([[0.0], [1.0]], dtype=x.dtype, device=x.device)
-        grad = grad_x.scatter_add(1, median, -grad_t)
+        grad = grad_x.scatter_add_(1, median, grad_t.neg_())
         return grad[0], grad[1] if rows == 2 else None, None, None, None, None, None, None, None
 
 
