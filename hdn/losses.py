@@ -44,7 +44,9 @@ def contexts_loss(
     Args:
         pred: ``(B, 1, H, W)`` or ``(B, H, W)``.
         target: same shape.
-        mask: bool mask or ``None``.
+        mask: bool mask or ``None``. The valid pixels are those of the mask with a finite
+            target that the contexts also count valid; every context is intersected with
+            them, so pixels the mask leaves out shape no context's median or scale.
         contexts: a :class:`hdn.contexts.Contexts` of the same ``(B, H, W)``.
         reduction: ``"mean"``, ``"sum"``, ``"per_image"`` or ``"none"``, as in :func:`hdn_loss`.
         aggregation: ``"mean"`` (each pixel's mean over its contexts, docs/semantics.md §2)
