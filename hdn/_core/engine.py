@@ -170,7 +170,7 @@ def _median_pixels(
     each row's :func:`value_key`, if made already."""
     R, N = x.shape
     if known is not None and R == 2:  # the prediction's alone
-        return torch.cat([_median_pixels(x[:1], level, c, keys=keys and keys[:1]), known.unsqueeze(0)])
+        return torch.cat([_median_pixels(x[:1], level, c, keys=None if keys is None else keys[:1]), known.unsqueeze(0)])
     keys = [value_key(row) for row in x] if keys is None and not _dense(level) else keys
     if _dense(level):
         column = torch.nanmedian(_entries(torch.where(c.member, x, float("nan")), level, float("nan")), dim=2).indices
