@@ -371,8 +371,8 @@ def _print_scene(scene: str, table: dict, memory: dict | None, cfg) -> None:
     print(f"\n== scene {scene!r} ==")
     print(f"{'loss':<6}{'hdn ms':>10}{'compiled':>10}{'mask ms':>10}{'speed-up':>10}{'x SSI':>8}{'MiB':>8}{'mem x SSI':>10}")
     for loss, row in table.items():
-        base = row.get("mask", row.get("nanmedian"))
-        speedup = base / row["hdn"] if base else float("nan")
+        base = row.get("mask", row.get("nanmedian")) or float("nan")  # (none without --impls mask)
+        speedup = base / row["hdn"]
         mib = memory[loss] if memory else float("nan")
         mem_x = mib / memory["ssi"] if memory and memory["ssi"] > 0 else float("nan")
         print(f"{loss:<6}{row['hdn']:>10.1f}{row.get('compiled', float('nan')):>10.1f}{base:>10.1f}"

@@ -175,9 +175,9 @@ def sorted_target(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor
     first = torch.arange(B, device=rows.device).unsqueeze(1)  # (each image's pixels: [b * P, (b + 1) * P))
     keep = valid.reshape(-1)
     if rows.dtype == torch.float32:  # the image above the value's 32 bits
-        order = sorted_members((ordered_bits(rows) + (first << 32)).view(-1), keep)
+        order = sorted_members((ordered_bits(rows) + (first << 32)).view(-1), keep)[1]
     else:
-        order = sorted_members(ordered_bits(rows).view(-1), keep)
+        order = sorted_members(ordered_bits(rows).view(-1), keep)[1]
         order = order.gather(0, torch.sort(order // P, stable=True).indices)
     rows = rows.view(-1)
     count = keep.view(B, P).sum(1)

@@ -94,19 +94,25 @@ class _Counts(NamedTuple):
     count: Tensor  # (S,) int64 members per segment (0 for the spare)
     entries: Tensor  # member laid out as the entries (:func:`_member_entries`)
     plus_one: Tensor  # count + 1, the scale's divisor
+    middle: Tensor | None = None  # (S,) sorted levels: each lower median's place in a sort
+    order: Tensor | None = None  # sorted levels: the entries by (segment, the first row's value)
 
 
-def _counts(level: Segments) -> _Counts:
+def _counts(level: Segments, key: Tensor | None = None) -> _Counts:
+    """Members and their number per segment; a sorted level (not given as rows) also sorts its
+    entries by (segment, ``key``), the first row's :func:`value_key` ``(N,)``, and reads the
+    counts off the sorted keys (no ``scatter_add`` into a few addresses)."""
     member = level.seg < level.num
     entries = _member_entries(member, level)
     if _dense(level):
         count = entries.sum(-1)
-    else:
-        count = torch.zeros(level.num + 1, dtype=torch.int64, device=level.seg.device)
-        count = count.scatter_add(0, level.seg, member.to(torch.int64))
-    return _Counts(member, count, entries, count + 1)
-
-
+        return _Counts(member, count, entries, count + 1)
+    values, order = _sorted_entries(key, level, member)
+    step = 1 << 32
+    start = torch.searchsorted(values, torch.arange(0, (level.num + 1) * step, step, device=values.device))
+    count = torch.diff(start, append=start[-1:])  # (members sort first: the spare's run is not counted)
+    middle = (start + (count - 1).div(2, rounding_mode="floor")).clamp(0, max(order.numel() - 1, 0))
+    return _Counts(member, count, entries, count + 1, middle, order)
 def _member_entries(member: Tensor, level: Segments) -> Tensor:
     """``member`` ``(M,)`` laid out as :func:`_entries` without the leading ``R``."""
     return _entries(member.unsqueeze(0), level)[0] if _dense(level) else member
@@ -171,7 +177,6 @@ def _median_pixels(
     R, N = x.shape
     if known is not None and R == 2:  # the prediction's alone
         return torch.cat([_median_pixels(x[:1], level, c, keys=None if keys is None else keys[:1]), known.unsqueeze(0)])
-    keys = [value_key(row) for row in x] if keys is None and not _dense(level) else keys
     if _dense(level):
         column = torch.nanmedian(_entries(torch.where(c.member, x, float("nan")), level, float("nan")), dim=2).indices
         if isinstance(level.rows, tuple):  # cell (b, r, c)'s first pixel, plus the column's offset
@@ -182,30 +187,37 @@ def _median_pixels(
             first = (cell // cells * h * cells + cell % cells) * w  # (images are cells * h rows of cells * w)
             return first + column // w * (cells * w) + column % w
         return level.rows.gather(1, column.T).T.clamp(max=N - 1)  # (the padding's N for an empty cell)
-    return torch.stack([_sorted_median_pixels(key, level, c) for key in keys])
+    later = keys[1:R] if keys is not None and len(keys) >= R else [value_key(row) for row in x[1:]]
+    return torch.stack([_sorted_median_pixels(key, level, c) for key in [None, *later]])  # (row 0: c's sort)
 
 
-def _sorted_median_pixels(key: Tensor, level: Segments, c: _Counts) -> Tensor:
-    """:func:`_median_pixels` of one row from its :func:`value_key` ``(N,)``: one sort of the
-    entries by (segment, value), ``(S,)``."""
+def _sorted_entries(key: Tensor, level: Segments, member: Tensor) -> tuple[Tensor, Tensor]:
+    """The sorted (segment, value) keys of a row's entries from its :func:`value_key` ``key``
+    ``(N,)``, and the entries in that order (ties by position), at least the members."""
     key = key if level.copies == 1 else key.repeat(level.copies)
-    order = sorted_members((level.seg << 32) | key, c.member)  # (ties by position: stable)
+    return sorted_members(torch.add(key, level.seg, alpha=1 << 32), member)
+
+
+def _sorted_median_pixels(key: Tensor | None, level: Segments, c: _Counts) -> Tensor:
+    """:func:`_median_pixels` of one row of a sorted level, ``(S,)``: the entry at each
+    segment's middle of the row's sort (:func:`_counts`'s sort for ``key=None``)."""
+    order = c.order if key is None else _sorted_entries(key, level, c.member)[1]
     if not order.numel():  # (no member at all: a size known on the host)
         return c.count.clamp(max=0)
-    middle = (torch.cumsum(c.count, 0) - c.count // 2 - 1).clamp(0, order.numel() - 1)  # start + (n - 1) // 2
-    entry = order[middle]
-    return entry if level.copies == 1 else entry % (key.numel() // level.copies)
+    entry = order[c.middle]
+    return entry if level.copies == 1 else entry % (c.member.numel() // level.copies)
 
 
-def sorted_members(key: Tensor, member: Tensor) -> Tensor:
-    """The entries in ascending ``key`` order (ties by position), at least the members, which
-    sort before the spare segment and so come first. On the CPU, where a host read costs
-    nothing, only the members are sorted (the sort is the engine's largest cost, and sparse
-    targets have few members); elsewhere, and under compile, every entry."""
+def sorted_members(key: Tensor, member: Tensor) -> tuple[Tensor, Tensor]:
+    """The keys ascending, and the entries in that order (ties by position): at least the
+    members, which sort before the spare segment and so come first. On the CPU, where a host
+    read costs nothing, only the members are sorted (the sort is the engine's largest cost,
+    and sparse targets have few members); elsewhere, and under compile, every entry."""
     if reads_host(key) and 2 * int(member.sum()) < key.numel():  # (compacting costs two gathers)
         kept = member.nonzero().squeeze(1)
-        return kept[torch.sort(key[kept], stable=True).indices]
-    return torch.sort(key, stable=True).indices
+        values, order = torch.sort(key[kept], stable=True)
+        return values, kept[order]
+    return torch.sort(key, stable=True)
 
 
 def _statistics(x: Tensor, level: Segments, c: _Counts, median: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -228,7 +240,7 @@ def normalize(x: Tensor, level: Segments) -> Tensor:
     ``x``: ``(N,)`` pixel values."""
     if level.seg.numel() == 0:
         return x.new_zeros(0)
-    c = _counts(level)
+    c = _counts(level, None if _dense(level) else value_key(x.detach()))
     x = x.unsqueeze(0)
     centered, _, denominator = _statistics(x, level, c, _median_pixels(x.detach(), level, c))
     normalized = (centered / _spread(denominator, level))[0]
@@ -237,16 +249,15 @@ def normalize(x: Tensor, level: Segments) -> Tensor:
 
 class _LevelLoss(torch.autograd.Function):
     """One level: per pixel, the sum of ``|p_hat - g_hat|`` over its contexts, ``(N,)``, and
-    its number of contexts (not differentiable). Prediction and target are stacked, ``(2, N)``,
-    so that each step is one operation for both. The backward keeps, per entry, the sign of
+    its number of contexts (not differentiable). Prediction and target come stacked as well,
+    ``x`` ``(2, N)`` (once for all levels), so that each step is one operation for both. The backward keeps, per entry, the sign of
     ``p_hat - g_hat`` (int8) and recomputes the centred values from the inputs, the target's
     only where the target needs a gradient."""
 
     @staticmethod
-    def forward(ctx, p, g, seg, copies, rows, target_median, num: int, detach_pred_median: bool, keys):  # type: ignore[override]
+    def forward(ctx, p, g, x, seg, copies, rows, target_median, num: int, detach_pred_median: bool, keys):  # type: ignore[override]
         level = Segments(seg, num, copies, rows, target_median)
-        c = _counts(level)
-        x = torch.stack([p, g])
+        c = _counts(level, None if _dense(level) else keys[0])
         median = _median_pixels(x, level, c, target_median, keys)
         centered, t, den = _statistics(x, level, c, median)
         member = c.entries
@@ -280,13 +291,13 @@ class _LevelLoss(torch.autograd.Function):
         grad_c = grad_c.masked_fill_(~member, 0)
         grad_x = _to_pixels(grad_c, level, x.shape)
         if rows == 1 and ctx.detach_pred_median:
-            return grad_x[0], None, None, None, None, None, None, None, None
+            return grad_x[0], None, None, None, None, None, None, None, None, None
         # t is the median pixel's value: it takes -sum(grad_c) (0 for an empty segment)
         grad_t = segment_sum(grad_c, level).to(x.dtype)
         if ctx.detach_pred_median:
             grad_t = grad_t * torch.tensor([[0.0], [1.0]], dtype=x.dtype, device=x.device)
         grad = grad_x.scatter_add_(1, median, grad_t.neg_())
-        return grad[0], grad[1] if rows == 2 else None, None, None, None, None, None, None, None
+        return grad[0], grad[1] if rows == 2 else None, None, None, None, None, None, None, None, None
 
 
 def contexts_ssi_loss(
@@ -346,6 +357,8 @@ def _level_sums(p: Tensor, g: Tensor, levels: Iterable[Segments], detach_pred_me
     """Per pixel, the sum of its losses over the contexts of every level, and its number of
     contexts (:class:`_LevelLoss`), ``(N,)`` each."""
     loss_sum = in_contexts = None
+    with torch.no_grad():
+        x = torch.stack([p, g])  # (each level's forward reads both rows at once)
     keys: list = []  # the value keys of p and g, made once for the levels that sort
     for level in (level for level in levels if level.seg.numel()):
         if not _dense(level) and not keys:
@@ -353,7 +366,7 @@ def _level_sums(p: Tensor, g: Tensor, levels: Iterable[Segments], detach_pred_me
         if not _dense(level) and level.target_median is None and len(keys) < 2:
             keys.append(value_key(g))
         loss, count = _LevelLoss.apply(
-            p, g, level.seg, level.copies, level.rows, level.target_median, level.num, detach_pred_median,
+            p, g, x, level.seg, level.copies, level.rows, level.target_median, level.num, detach_pred_median,
             None if _dense(level) else keys,
         )
         loss_sum, in_contexts = (loss, count) if loss_sum is None else (loss_sum + loss, in_contexts + count)
