@@ -2,11 +2,11 @@
 
 Contexts arrive as data (:class:`Segments`): per level, a segment id per entry, non-members in
 one spare segment whose number is known before any tensor is read; an entry is a pixel, or a
-(pixel, context) pair where contexts overlap. Per level: counts by ``scatter_add``, offsets by
-``cumsum``, each segment's lower median at ``offset + (n - 1) // 2`` of one sort on a
-(segment, value) key, scales by segment sums; then the per-pixel mean (or pooled sum) over
-contexts and the reduction. One analytic backward per level keeps a sign per entry instead of
-autograd's float tensors. Every shape follows from the inputs' shapes: no host sync.
+(pixel, context) pair where contexts overlap. Per level: one sort on a (segment, value) key,
+each segment's start and count read off the sorted keys, its lower median at
+``start + (n - 1) // 2`` (rows of equal size: ``nanmedian``), scales by segment sums; then
+the per-pixel mean (or pooled sum) over contexts and the reduction. One analytic backward per
+level keeps a sign per entry. Every shape follows from the inputs' shapes: no host sync.
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ def _counts(level: Segments, key: Tensor | None = None) -> _Counts:
     count = torch.diff(start, append=start[-1:])  # (members sort first: the spare's run is not counted)
     middle = (start + (count - 1).div(2, rounding_mode="floor")).clamp(0, max(order.numel() - 1, 0))
     return _Counts(member, count, entries, count + 1, middle, order)
+
+
 def _member_entries(member: Tensor, level: Segments) -> Tensor:
     """``member`` ``(M,)`` laid out as :func:`_entries` without the leading ``R``."""
     return _entries(member.unsqueeze(0), level)[0] if _dense(level) else member
@@ -187,8 +189,11 @@ def _median_pixels(
             first = (cell // cells * h * cells + cell % cells) * w  # (images are cells * h rows of cells * w)
             return first + column // w * (cells * w) + column % w
         return level.rows.gather(1, column.T).T.clamp(max=N - 1)  # (the padding's N for an empty cell)
+    if not c.order.numel():  # (no member at all: a size known on the host)
+        return c.count.clamp(max=0).expand(R, -1)
     later = keys[1:R] if keys is not None and len(keys) >= R else [value_key(row) for row in x[1:]]
-    return torch.stack([_sorted_median_pixels(key, level, c) for key in [None, *later]])  # (row 0: c's sort)
+    orders = [c.order] + [_sorted_entries(key, level, c.member)[1] for key in later]  # (row 0: c's sort)
+    return torch.stack(orders)[:, c.middle] % N  # (entry e is pixel e % N)
 
 
 def _sorted_entries(key: Tensor, level: Segments, member: Tensor) -> tuple[Tensor, Tensor]:
@@ -196,16 +201,6 @@ def _sorted_entries(key: Tensor, level: Segments, member: Tensor) -> tuple[Tenso
     ``(N,)``, and the entries in that order (ties by position), at least the members."""
     key = key if level.copies == 1 else key.repeat(level.copies)
     return sorted_members(torch.add(key, level.seg, alpha=1 << 32), member)
-
-
-def _sorted_median_pixels(key: Tensor | None, level: Segments, c: _Counts) -> Tensor:
-    """:func:`_median_pixels` of one row of a sorted level, ``(S,)``: the entry at each
-    segment's middle of the row's sort (:func:`_counts`'s sort for ``key=None``)."""
-    order = c.order if key is None else _sorted_entries(key, level, c.member)[1]
-    if not order.numel():  # (no member at all: a size known on the host)
-        return c.count.clamp(max=0)
-    entry = order[c.middle]
-    return entry if level.copies == 1 else entry % (c.member.numel() // level.copies)
 
 
 def sorted_members(key: Tensor, member: Tensor) -> tuple[Tensor, Tensor]:
@@ -250,9 +245,9 @@ def normalize(x: Tensor, level: Segments) -> Tensor:
 class _LevelLoss(torch.autograd.Function):
     """One level: per pixel, the sum of ``|p_hat - g_hat|`` over its contexts, ``(N,)``, and
     its number of contexts (not differentiable). Prediction and target come stacked as well,
-    ``x`` ``(2, N)`` (once for all levels), so that each step is one operation for both. The backward keeps, per entry, the sign of
-    ``p_hat - g_hat`` (int8) and recomputes the centred values from the inputs, the target's
-    only where the target needs a gradient."""
+    ``x`` ``(2, N)`` (once for all levels), so that each step is one operation for both. The
+    backward keeps, per entry, the sign of ``p_hat - g_hat`` (int8) and recomputes the centred
+    values from the inputs, the target's only where the target needs a gradient."""
 
     @staticmethod
     def forward(ctx, p, g, x, seg, copies, rows, target_median, num: int, detach_pred_median: bool, keys):  # type: ignore[override]
