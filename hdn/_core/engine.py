@@ -175,7 +175,8 @@ def _median_pixels(
 ) -> Tensor:
     """The pixel of each segment's lower median of each row of ``x`` ``(R, N)``, ``(R, S)``
     (any pixel for an empty segment); ``known``: the last row's, if known already; ``keys``:
-    each row's :func:`value_key`, if made already."""
+    each row's :func:`value_key`, if made already (a sorted level takes row 0's order from
+    ``c``, whose sort used ``keys[0]``)."""
     R, N = x.shape
     if known is not None and R == 2:  # the prediction's alone
         return torch.cat([_median_pixels(x[:1], level, c, keys=None if keys is None else keys[:1]), known.unsqueeze(0)])
