@@ -261,7 +261,7 @@ class _LevelLoss(torch.autograd.Function):
         diff = torch.where(member, torch.sub(*normalized), 0)  # (a row's NaN stays in its segment)
         sign = torch.sign(diff).to(torch.int8)  # 0 off the members
         loss = _to_pixels(diff.abs_(), level, p.shape)
-        count = _to_pixels(member.to(p.dtype), level, p.shape)
+        count = c.member.view(copies, -1).sum(0, dtype=p.dtype)  # (entry e is pixel e % N)
         row_tensor = rows if torch.is_tensor(rows) else None
         ctx.save_for_backward(p, g, seg, row_tensor, sign, c.plus_one, t, den, median)
         ctx.copies, ctx.num, ctx.rows, ctx.detach_pred_median = copies, num, None if torch.is_tensor(rows) else rows, detach_pred_median
