@@ -1,0 +1,180 @@
+"""Seeded random cases against the reference: the parametrized tests' gaps, searched at random.
+
+Each case draws a batch (1-3 images of 1-12 x 1-12 pixels), a target (scales from 1e-3 to
+1e3, ties, signed values, non-finite entries), masks, a context kind, levels and a reduction,
+and compares hdn with hdn.reference in float64: the value, d/dpred and d/dtarget. Both paths
+of the engine run: the CPU one (a sparse batch compacted to its valid pixels, members-only
+sorts, DR's overlap check) and the device one (``reads_host`` off), which CUDA and
+``torch.compile`` take. ``contexts_loss`` cases hand in contexts built from one mask and pass
+another (narrower, unrelated, or none), with both aggregations.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import hdn
+from hdn import contexts as C
+from hdn import reference as ref
+from hdn._core import engine
+
+F64 = torch.float64
+CASES_PER_CHUNK = 40
+CHUNKS = range(6)
+
+
+def _grads(fn, pred, target, *args, **kwargs):
+    """The loss and its gradients with respect to fresh copies of ``pred`` and ``target``."""
+    p = pred.clone().requires_grad_(True)
+    g = target.clone().requires_grad_(True)
+    loss = fn(p, g, *args, **kwargs)
+    if not loss.requires_grad:  # (the reference's sum over no terms is a constant)
+        return loss.detach(), torch.zeros_like(p), torch.zeros_like(g)
+    gp, gg = torch.autograd.grad(loss, [p, g], allow_unused=True)
+    return loss.detach(), *(torch.zeros_like(x) if d is None else d for x, d in ((p, gp), (g, gg)))
+
+
+def _tie_sums(grad, values):
+    """Per image, the gradient summed over pixels of equal value: which of tied pixels takes
+    a median's gradient is the implementation's choice, and these sums do not depend on it."""
+    values = torch.where(torch.isfinite(values), values, -1.0)
+    sums = []
+    for b in range(values.shape[0]):
+        _, group = torch.unique(values[b].reshape(-1), return_inverse=True)
+        zeros = torch.zeros(int(group.max()) + 1, dtype=F64)
+        sums.append(zeros.index_add_(0, group, grad[b].reshape(-1)))
+    return torch.cat(sums)
+
+
+def _assert_matches(got, want, target, case):
+    (loss, gp, gg), (loss_ref, gp_ref, gg_ref) = got, want
+    for name, a, b, scale in (
+        ("loss", loss, loss_ref, loss_ref),
+        ("d/dpred", gp, gp_ref, gp_ref),
+        # (a tie group's sum cancels, a median's gradient against its context's: the
+        # tolerance comes from the gradients summed)
+        ("d/dtarget, summed over ties", _tie_sums(gg, target), _tie_sums(gg_ref, target), gg_ref),
+    ):
+        floor = 1e-6 * float(scale.abs().max()) + 1e-15 if scale.numel() else 1e-15
+        message = lambda m, n=name: f"{case}: {n}: {m}"  # noqa: E731
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=floor, msg=message)
+
+
+def _target(r: random.Random, gen: torch.Generator, shape) -> torch.Tensor:
+    scale = 10 ** r.uniform(-3, 3)
+    target = scale * (r.choice([0.0, 0.5, 100.0]) + torch.rand(shape, generator=gen, dtype=F64))
+    if r.random() < 0.3:  # ties
+        target = (target / scale * r.choice([2, 3, 5])).round() * scale
+    if r.random() < 0.2:  # signed, bin edges near 0
+        target = target - target.mean()
+    if r.random() < 0.3:  # non-finite entries are invalid
+        bad = torch.rand(shape, generator=gen) < r.random() * 0.6
+        fill = r.choice([float("nan"), float("inf"), -float("inf")])
+        target = torch.where(bad, torch.tensor(fill, dtype=F64), target)
+    return target
+
+
+def _weighted(fn, reduction, weights):
+    """``fn`` with ``reduction``, reduced to a scalar by fixed random ``weights``."""
+
+    def loss(p, g, *args, **kwargs):
+        out = fn(p, g, *args, reduction=reduction, **kwargs)
+        return out if weights is None else (out * weights).sum()
+
+    return loss
+
+
+def _reduction(r, gen, shape):
+    reduction = r.choice(["mean", "sum", "per_image", "none"])
+    size = {"per_image": shape[:1], "none": shape}.get(reduction)
+    return reduction, None if size is None else torch.rand(size, generator=gen, dtype=F64)
+
+
+def _hdn_case(seed: int) -> None:
+    r, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    shape = (r.randint(1, 3), r.randint(1, 12), r.randint(1, 12))
+    kind, levels = r.choice(["dr", "dp", "ds", "ssi"]), r.randint(1, 4)
+    if kind == "ds" and 2 ** (levels - 1) > min(shape[1:]):
+        levels = 1
+    target = _target(r, gen, shape)
+    mask = torch.rand(shape, generator=gen) < r.random() if r.random() < 0.6 else None
+    pred = torch.randn(shape, generator=gen, dtype=F64) * 10 ** r.uniform(-3, 3)
+    reduction, weights = _reduction(r, gen, shape)
+    case = f"seed {seed}: {kind}, L = {levels}, {shape}, {reduction}"
+    if kind == "ssi":
+        got = _grads(_weighted(hdn.ssi_loss, reduction, weights), pred, target, mask)
+        want = _grads(_weighted(ref.ssi_loss, reduction, weights), pred, target, mask)
+    else:
+        kw = {"context": kind, "levels": levels}
+        got = _grads(_weighted(hdn.hdn_loss, reduction, weights), pred, target, mask, **kw)
+        want = _grads(_weighted(ref.hdn_loss, reduction, weights), pred, target, mask, **kw)
+    _assert_matches(got, want, target, case)
+
+
+def _contexts_case(seed: int) -> None:
+    r, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    B, H, W = shape = (r.randint(1, 3), r.randint(1, 12), r.randint(1, 12))
+    kind, levels = r.choice(["dr", "dp", "ds", "crops", "intervals", "labels"]), r.randint(1, 4)
+    if kind == "ds" and 2 ** (levels - 1) > min(H, W):
+        levels = 1
+    target = _target(r, gen, shape)
+    built_with = torch.rand(shape, generator=gen) < r.uniform(0.2, 1) if r.random() < 0.5 else None
+    draw = r.random()
+    if draw < 0.3:  # the contexts' own mask
+        mask = built_with
+    else:  # narrower than it, or unrelated
+        mask = torch.rand(shape, generator=gen) < r.uniform(0.1, 1)
+        if draw < 0.6 and built_with is not None:
+            mask = mask & built_with
+    if kind in ("dr", "dp", "ds"):
+        builder = {"dr": C.depth_range, "dp": C.depth_percentile, "ds": C.spatial_grid}[kind]
+        ctx = builder(target, built_with, levels=levels)
+        valid = torch.isfinite(target) & (True if built_with is None else built_with)
+        masks = ref.contexts_by_name(kind, torch.where(valid, target, 0.0), valid, levels)
+    else:
+        if kind == "labels":
+            high = r.randint(1, 6)
+            labels = [torch.randint(-1, high, shape, generator=gen) for _ in range(levels)]
+            ctx = C.from_labels(labels, target, built_with)
+        else:
+            builder = C.random_crops if kind == "crops" else C.random_depth_intervals
+            seeded = torch.Generator().manual_seed(seed)
+            ctx = builder(target, built_with, num=r.randint(1, 6), generator=seeded)
+        masks = list(ctx.to_masks())
+    valid = torch.isfinite(target) & (True if mask is None else mask) & ctx.valid
+    aggregation = r.choice(["mean", "pooled"])
+    detach = aggregation == "pooled" and r.random() < 0.5
+    pred = torch.randn(shape, generator=gen, dtype=F64)
+    reduction, weights = _reduction(r, gen, shape)
+    case = f"seed {seed}: {kind}, L = {levels}, {shape}, {aggregation}, {reduction}"
+    kw = {"aggregation": aggregation, "detach_pred_median": detach}
+    got = _grads(_weighted(hdn.contexts_loss, reduction, weights), pred, target, mask, ctx, **kw)
+    if aggregation == "mean":
+        mean = _weighted(ref.hierarchical_loss, reduction, weights)
+        want = _grads(mean, pred, target, valid, masks)
+    else:
+        pooled = _weighted(ref.pooled_loss, reduction, weights)
+        want = _grads(pooled, pred, target, valid, masks, detach)
+    _assert_matches(got, want, target, case)
+
+
+@pytest.fixture(params=["cpu path", "device path"])
+def path(request, monkeypatch):
+    if request.param == "device path":  # the branches CUDA and torch.compile take
+        monkeypatch.setattr(engine, "reads_host", lambda x: False)
+    return request.param
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_random_hdn_and_ssi_cases_match_the_reference(path, chunk):
+    for i in range(CASES_PER_CHUNK):
+        _hdn_case(1000 * chunk + i)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_random_contexts_loss_cases_with_other_masks_match_the_reference(path, chunk):
+    for i in range(CASES_PER_CHUNK):
+        _contexts_case(50_000 + 1000 * chunk + i)
