@@ -59,7 +59,7 @@ def _assert_matches(got, want, target, case):
         ("d/dtarget, summed over ties", _tie_sums(gg, target), _tie_sums(gg_ref, target), gg_ref),
     ):
         floor = 1e-6 * float(scale.abs().max()) + 1e-15 if scale.numel() else 1e-15
-        message = lambda m, n=name: f"{case}: {n}: {m}"  # noqa: E731
+        message = lambda m, n=name: f"{case}: {n}: {m}"
         torch.testing.assert_close(a, b, rtol=1e-6, atol=floor, msg=message)
 
 
@@ -116,9 +116,9 @@ def _hdn_case(seed: int) -> None:
 
 def _contexts_case(seed: int) -> None:
     r, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    B, H, W = shape = (r.randint(1, 3), r.randint(1, 12), r.randint(1, 12))
+    shape = (r.randint(1, 3), r.randint(1, 12), r.randint(1, 12))
     kind, levels = r.choice(["dr", "dp", "ds", "crops", "intervals", "labels"]), r.randint(1, 4)
-    if kind == "ds" and 2 ** (levels - 1) > min(H, W):
+    if kind == "ds" and 2 ** (levels - 1) > min(shape[1:]):
         levels = 1
     target = _target(r, gen, shape)
     built_with = torch.rand(shape, generator=gen) < r.uniform(0.2, 1) if r.random() < 0.5 else None
