@@ -1,12 +1,13 @@
 """Seeded random cases against the reference: the parametrized tests' gaps, searched at random.
 
-Each case draws a batch (1-3 images of 1-12 x 1-12 pixels), a target (scales from 1e-3 to
-1e3, ties, signed values, non-finite entries), masks, a context kind, levels and a reduction,
-and compares hdn with hdn.reference in float64: the value, d/dpred and d/dtarget. Both paths
-of the engine run: the CPU one (a sparse batch compacted to its valid pixels, members-only
-sorts, DR's overlap check) and the device one (``reads_host`` off), which CUDA and
-``torch.compile`` take. ``contexts_loss`` cases hand in contexts built from one mask and pass
-another (narrower, unrelated, or none), with both aggregations.
+Each case draws a batch (1-3 images of 1-16 x 1-16 pixels), a target (scales from 1e-3 to
+1e3, ties, signed values, non-finite entries), masks, a context kind, levels and a reduction.
+In float64 it compares hdn with hdn.reference: the value, d/dpred and d/dtarget; in float32,
+the per-image values, with the reference run in float32 too. Both paths of the engine run:
+the CPU one (a sparse batch compacted to its valid pixels, members-only sorts, DR's overlap
+check) and the device one (``reads_host`` off), which CUDA and ``torch.compile`` take.
+``contexts_loss`` cases hand in contexts built from one mask and pass another (narrower,
+unrelated, or none), with both aggregations.
 """
 
 from __future__ import annotations
@@ -178,3 +179,30 @@ def test_random_hdn_and_ssi_cases_match_the_reference(path, chunk):
 def test_random_contexts_loss_cases_with_other_masks_match_the_reference(path, chunk):
     for i in range(CASES_PER_CHUNK):
         _contexts_case(50_000 + 1000 * chunk + i)
+
+
+def _float32_case(seed: int) -> None:
+    """float32 inputs against the reference run in float32 too (DR and DP bin edges are
+    computed in the target's dtype, so a float64 reference would bin other pixels)."""
+    r, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    shape = (r.randint(1, 3), r.randint(2, 16), r.randint(2, 16))
+    kind, levels = r.choice(["dr", "dp", "ds", "ssi"]), r.randint(1, 4)
+    if kind == "ds" and 2 ** (levels - 1) > min(shape[1:]):
+        levels = 1
+    scale = 10 ** r.uniform(-3, 3)
+    target = (scale * (r.choice([0.0, 0.5, 100.0]) + torch.rand(shape, generator=gen))).float()
+    mask = torch.rand(shape, generator=gen) < r.uniform(0.2, 1) if r.random() < 0.5 else None
+    pred = (torch.randn(shape, generator=gen) * 10 ** r.uniform(-2, 2)).float()
+    kw = {} if kind == "ssi" else {"context": kind, "levels": levels}
+    ours, theirs = (hdn.ssi_loss, ref.ssi_loss) if kind == "ssi" else (hdn.hdn_loss, ref.hdn_loss)
+    loss = ours(pred, target, mask, reduction="per_image", **kw)
+    loss_ref = theirs(pred, target, mask, reduction="per_image", **kw)
+    case = f"seed {seed}: {kind}, L = {levels}, {shape}, float32"
+    floor = 1e-5 * float(loss_ref.abs().max()) + 1e-12
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=floor, msg=lambda m: f"{case}: {m}")
+
+
+@pytest.mark.parametrize("chunk", range(3))
+def test_random_float32_cases_match_the_reference_in_float32(path, chunk):
+    for i in range(CASES_PER_CHUNK):
+        _float32_case(90_000 + 1000 * chunk + i)
