@@ -16,6 +16,7 @@ import random
 
 import pytest
 import torch
+from test_exactness import _compare, _loss_and_grads
 
 import hdn
 from hdn import contexts as C
@@ -27,41 +28,13 @@ CASES_PER_CHUNK = 40
 CHUNKS = range(6)
 
 
-def _grads(fn, pred, target, *args, **kwargs):
-    """The loss and its gradients with respect to fresh copies of ``pred`` and ``target``."""
-    p = pred.clone().requires_grad_(True)
-    g = target.clone().requires_grad_(True)
-    loss = fn(p, g, *args, **kwargs)
-    if not loss.requires_grad:  # (the reference's sum over no terms is a constant)
-        return loss.detach(), torch.zeros_like(p), torch.zeros_like(g)
-    gp, gg = torch.autograd.grad(loss, [p, g], allow_unused=True)
-    return loss.detach(), *(torch.zeros_like(x) if d is None else d for x, d in ((p, gp), (g, gg)))
-
-
-def _tie_sums(grad, values):
-    """Per image, the gradient summed over pixels of equal value: which of tied pixels takes
-    a median's gradient is the implementation's choice, and these sums do not depend on it."""
-    values = torch.where(torch.isfinite(values), values, -1.0)
-    sums = []
-    for b in range(values.shape[0]):
-        _, group = torch.unique(values[b].reshape(-1), return_inverse=True)
-        zeros = torch.zeros(int(group.max()) + 1, dtype=F64)
-        sums.append(zeros.index_add_(0, group, grad[b].reshape(-1)))
-    return torch.cat(sums)
-
-
-def _assert_matches(got, want, target, case):
-    (loss, gp, gg), (loss_ref, gp_ref, gg_ref) = got, want
-    for name, a, b, scale in (
-        ("loss", loss, loss_ref, loss_ref),
-        ("d/dpred", gp, gp_ref, gp_ref),
-        # (a tie group's sum cancels, a median's gradient against its context's: the
-        # tolerance comes from the gradients summed)
-        ("d/dtarget, summed over ties", _tie_sums(gg, target), _tie_sums(gg_ref, target), gg_ref),
-    ):
-        floor = 1e-6 * float(scale.abs().max()) + 1e-15 if scale.numel() else 1e-15
-        message = lambda m, n=name: f"{case}: {n}: {m}"
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=floor, msg=message)
+def _assert_matches(got, want, pred, target, case):
+    """:func:`test_exactness._compare` (target gradients summed over tied values), naming the
+    case on failure."""
+    try:
+        _compare(got, want, pred, target, target_ties=True)
+    except AssertionError as error:
+        raise AssertionError(f"{case}: {error}") from error
 
 
 def _target(r: random.Random, gen: torch.Generator, shape) -> torch.Tensor:
@@ -106,13 +79,15 @@ def _hdn_case(seed: int) -> None:
     reduction, weights = _reduction(r, gen, shape)
     case = f"seed {seed}: {kind}, L = {levels}, {shape}, {reduction}"
     if kind == "ssi":
-        got = _grads(_weighted(hdn.ssi_loss, reduction, weights), pred, target, mask)
-        want = _grads(_weighted(ref.ssi_loss, reduction, weights), pred, target, mask)
+        got = _loss_and_grads(_weighted(hdn.ssi_loss, reduction, weights), pred, target, mask)
+        want = _loss_and_grads(_weighted(ref.ssi_loss, reduction, weights), pred, target, mask)
     else:
         kw = {"context": kind, "levels": levels}
-        got = _grads(_weighted(hdn.hdn_loss, reduction, weights), pred, target, mask, **kw)
-        want = _grads(_weighted(ref.hdn_loss, reduction, weights), pred, target, mask, **kw)
-    _assert_matches(got, want, target, case)
+        got = _loss_and_grads(_weighted(hdn.hdn_loss, reduction, weights), pred, target, mask, **kw)
+        want = _loss_and_grads(
+            _weighted(ref.hdn_loss, reduction, weights), pred, target, mask, **kw
+        )
+    _assert_matches(got, want, pred, target, case)
 
 
 def _contexts_case(seed: int) -> None:
@@ -152,14 +127,16 @@ def _contexts_case(seed: int) -> None:
     reduction, weights = _reduction(r, gen, shape)
     case = f"seed {seed}: {kind}, L = {levels}, {shape}, {aggregation}, {reduction}"
     kw = {"aggregation": aggregation, "detach_pred_median": detach}
-    got = _grads(_weighted(hdn.contexts_loss, reduction, weights), pred, target, mask, ctx, **kw)
+    got = _loss_and_grads(
+        _weighted(hdn.contexts_loss, reduction, weights), pred, target, mask, ctx, **kw
+    )
     if aggregation == "mean":
         mean = _weighted(ref.hierarchical_loss, reduction, weights)
-        want = _grads(mean, pred, target, valid, masks)
+        want = _loss_and_grads(mean, pred, target, valid, masks)
     else:
         pooled = _weighted(ref.pooled_loss, reduction, weights)
-        want = _grads(pooled, pred, target, valid, masks, detach)
-    _assert_matches(got, want, target, case)
+        want = _loss_and_grads(pooled, pred, target, valid, masks, detach)
+    _assert_matches(got, want, pred, target, case)
 
 
 @pytest.fixture(params=["cpu path", "device path"])
