@@ -181,7 +181,8 @@ def _median_pixels(
     if known is not None and R == 2:  # the prediction's alone
         return torch.cat([_median_pixels(x[:1], level, c, keys=None if keys is None else keys[:1]), known.unsqueeze(0)])
     if _dense(level):
-        column = torch.nanmedian(_entries(torch.where(c.member, x, float("nan")), level, float("nan")), dim=2).indices
+        rows = _entries(torch.where(c.member, x, float("nan")), level, float("nan")).transpose(0, 1)
+        column = torch.nanmedian(rows, dim=2).indices.T  # (segment-major: each thread gets rows of both x)
         if isinstance(level.rows, tuple):  # cell (b, r, c)'s first pixel, plus the column's offset
             cells, h, w = level.rows
             if cells == 1:
