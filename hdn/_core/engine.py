@@ -11,6 +11,7 @@ level keeps a sign per entry. Every shape follows from the inputs' shapes: no ho
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -123,9 +124,11 @@ def _member_entries(member: Tensor, level: Segments) -> Tensor:
 def segment_sum(values: Tensor, level: Segments) -> Tensor:
     """Per-segment sums of the entries ``values`` (``(R, M)``, or ``(R, num, C)`` laid out as
     :func:`_entries`) in float64, ``(R, S)``: a context's sum never depends on another's
-    values. Float64 keeps the sums the same whatever the order in which a machine adds them."""
+    values. Rows add runs of up to 64 entries in their own dtype first (no float64 copy of
+    the rows; the runs' rounding is that of the context's own values)."""
     if _dense(level):
-        return values.sum(2, dtype=torch.float64)
+        run = math.gcd(values.shape[2], 64)
+        return values.unflatten(2, (-1, run)).sum(3).sum(2, dtype=torch.float64)
     sums = torch.zeros(values.shape[0], level.num + 1, dtype=torch.float64, device=values.device)
     values = values if values.dtype == torch.float64 else values.to(torch.float64)
     return sums.scatter_add(1, level.seg.expand(values.shape), values)
