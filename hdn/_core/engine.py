@@ -224,9 +224,9 @@ def _statistics(x: Tensor, level: Segments, c: _Counts, median: Tensor) -> tuple
     """For rows ``x`` ``(R, N)``: per entry its value less its segment's shift ``t`` (0 off the
     members, laid out as :func:`_entries`), and per segment ``t`` and ``s + eps``
     (``(R, S)``)."""
-    t = torch.where(c.count > 0, x.gather(1, median), 0)
+    t = x.gather(1, median)  # (any pixel's value for an empty segment: it has no member)
     centered = torch.where(c.entries, _entries(x, level) - _spread(t, level), 0)  # no NaN reaches the spare
-    if _dense(level) or x.requires_grad:  # (rows sum in float64 as they go; autograd keeps centered)
+    if _dense(level) or x.requires_grad:  # (rows sum no float64 copy; autograd keeps centered)
         magnitude = centered.abs()
     else:  # scatter_add sums in the values' dtype: one float64 copy, made absolute in place
         magnitude = centered.to(torch.float64, copy=True).abs_()
@@ -265,7 +265,7 @@ class _LevelLoss(torch.autograd.Function):
         diff = torch.where(member, torch.sub(*normalized), 0)  # (a row's NaN stays in its segment)
         sign = torch.sign(diff).to(torch.int8)  # 0 off the members
         loss = _to_pixels(diff.abs_(), level, p.shape)
-        count = c.member.view(copies, -1).sum(0, dtype=p.dtype)  # (entry e is pixel e % N)
+        count = c.member.to(p.dtype) if copies == 1 else c.member.view(copies, -1).sum(0, dtype=p.dtype)  # (entry e: pixel e % N)
         row_tensor = rows if torch.is_tensor(rows) else None
         ctx.save_for_backward(p, g, seg, row_tensor, sign, c.plus_one, t, den, median)
         ctx.copies, ctx.num, ctx.rows, ctx.detach_pred_median = copies, num, None if torch.is_tensor(rows) else rows, detach_pred_median
@@ -339,18 +339,19 @@ def contexts_ssi_loss(
         in_contexts = p.new_zeros(p.shape).index_put((pixels,), in_contexts)
     else:
         loss_sum, in_contexts = _level_sums(p, g, levels, detach_pred_median)
-    n_valid = valid.sum().to(p.dtype).clamp(min=1)  # (every map below is 0 without members)
+    n_valid = valid.sum().clamp(min=1)  # (every map below is 0 without members)
     if pooled:  # each pixel's share of the pooled mean, scaled to sum to it over N_v
         loss_map = loss_sum * (n_valid / in_contexts.sum().clamp(min=1))
     else:
         loss_map = loss_sum / in_contexts.clamp(min=1)
-    if reduction == "mean":
-        return loss_map.sum() / n_valid
-    if reduction == "sum":
-        return loss_map.sum()
+    if reduction == "none":
+        return loss_map
+    # in float64: a float32 sum's last bit depends on how many threads add it
     if reduction == "per_image":
-        return loss_map.view(batch, -1).sum(1) / valid.reshape(batch, -1).sum(1).to(p.dtype).clamp(min=1)
-    return loss_map
+        total = loss_map.view(batch, -1).sum(1, dtype=torch.float64)
+        return (total / valid.reshape(batch, -1).sum(1).clamp(min=1)).to(p.dtype)
+    total = loss_map.sum(dtype=torch.float64)
+    return (total / n_valid if reduction == "mean" else total).to(p.dtype)
 
 
 def _level_sums(p: Tensor, g: Tensor, levels: Iterable[Segments], detach_pred_median: bool) -> tuple[Tensor, Tensor]:
