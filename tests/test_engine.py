@@ -96,6 +96,30 @@ def test_the_reported_cancellation_case_gives_the_image_alone():
     torch.testing.assert_close(batch, alone, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
 
 
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "per_image"])
+@pytest.mark.parametrize("kind", ["ssi", "dr", "dp", "ds", "labels"])
+def test_the_loss_and_its_gradient_have_the_same_bits_on_one_and_on_two_threads(kind, reduction):
+    """A float32 sum over all pixels can end in another last bit when two threads add it (a
+    250 x 371 image, say): the notebooks' stored digits must not depend on the thread count."""
+    gen = _gen("threads", kind, reduction)
+    target = torch.rand(1, 1, 250, 371, generator=gen) + 0.5
+    pred = torch.rand(1, 1, 250, 371, generator=gen)
+    mask = torch.rand(1, 1, 250, 371, generator=gen) > 0.1
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            p = pred.clone().requires_grad_(True)
+            out = _loss(kind)(p, target, mask, reduction)
+            out.sum().backward()
+            results.append((out.detach(), p.grad))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
 # --- 2. and 3. non-finite predictions poison only the contexts that hold them -------------
 
 
