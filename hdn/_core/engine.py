@@ -251,8 +251,9 @@ class _LevelLoss(torch.autograd.Function):
     """One level: per pixel, the sum of ``|p_hat - g_hat|`` over its contexts, ``(N,)``, and
     its number of contexts (not differentiable). Prediction and target come stacked as well,
     ``x`` ``(2, N)`` (once for all levels), so that each step is one operation for both. The
-    backward keeps, per entry, the sign of ``p_hat - g_hat`` (int8) and recomputes the centred
-    values from the inputs, the target's only where the target needs a gradient."""
+    backward keeps, per entry, the sign of ``p_hat - g_hat`` (int8), the member flag and the
+    segment (int32: the levels' ids are a large share of the peak memory), and recomputes the
+    centred values from the inputs, the target's only where the target needs a gradient."""
 
     @staticmethod
     def forward(ctx, p, g, x, seg, copies, rows, target_median, num: int, detach_pred_median: bool, keys):  # type: ignore[override]
@@ -267,27 +268,27 @@ class _LevelLoss(torch.autograd.Function):
         loss = _to_pixels(diff.abs_(), level, p.shape)
         count = c.member.to(p.dtype) if copies == 1 else c.member.view(copies, -1).sum(0, dtype=p.dtype)  # (entry e: pixel e % N)
         row_tensor = rows if torch.is_tensor(rows) else None
-        ctx.save_for_backward(p, g, seg, row_tensor, sign, c.plus_one, t, den, median)
+        ctx.save_for_backward(p, g, seg.to(torch.int32), c.member, row_tensor, sign, c.plus_one, t, den, median)
         ctx.copies, ctx.num, ctx.rows, ctx.detach_pred_median = copies, num, None if torch.is_tensor(rows) else rows, detach_pred_median
         ctx.mark_non_differentiable(count)
         return loss, count
 
     @staticmethod
     def backward(ctx, grad_loss, _):  # type: ignore[override]
-        p, g, seg, row_tensor, sign, plus_one, t, den, median = ctx.saved_tensors
+        p, g, seg, member, row_tensor, sign, plus_one, t, den, median = ctx.saved_tensors
         level = Segments(seg, ctx.num, ctx.copies, ctx.rows if row_tensor is None else row_tensor)
+        level = level if _dense(level) else level._replace(seg=seg.long())  # (scatter_add takes int64)
         rows = 2 if ctx.needs_input_grad[1] else 1  # (the target's row only where it needs one)
         if rows == 1:
             p, t, den, median = p.unsqueeze(0), t[:1], den[:1], median[:1]
         x = torch.stack([p, g]) if rows == 2 else p
-        member = _member_entries(seg < ctx.num, level)
+        member = _member_entries(member, level)
         centered = torch.where(member, _entries(x, level) - _spread(t, level), 0)
         upstream = _entries(grad_loss.unsqueeze(0), level)[0] * sign
         a = torch.stack([upstream, -upstream]) if rows == 2 else upstream.unsqueeze(0)  # d loss / d (p_hat, g_hat)
-        # d/dc of a * c / D: directly, and through D = sum |c| / (n + 1) + eps
-        grad_den = segment_sum(a * centered, level) / den.to(torch.float64).square()
-        slope = _spread((grad_den / plus_one).to(x.dtype).neg_(), level)
-        grad_c = torch.addcdiv(centered.sign_().mul_(slope), a, _spread(den, level))
+        # d/dc of a * c / D: directly, and through D = sum |c| / (n + 1) + eps (float64: den exact)
+        slope = (segment_sum(a * centered, level) / den / den / plus_one).to(x.dtype)
+        grad_c = torch.addcmul(a / _spread(den, level), centered.sign_(), _spread(slope, level), value=-1)
         grad_c = grad_c.masked_fill_(~member, 0)
         grad_x = _to_pixels(grad_c, level, x.shape)
         if rows == 1 and ctx.detach_pred_median:
