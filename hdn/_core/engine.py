@@ -329,8 +329,8 @@ def contexts_ssi_loss(
     Returns:
         the reduced loss; ``"none"`` gives the ``(N,)`` map.
     """
-    g = torch.where(valid, g, 0)
-    if reads_host(valid) and 2 * int(valid.sum()) < valid.numel():  # CPU: the valid pixels alone
+    n_valid = valid.sum()
+    if reads_host(valid) and 2 * int(n_valid) < valid.numel():  # CPU: the valid pixels alone
         pixels = valid.nonzero().squeeze(1)
         place = torch.cumsum(valid, 0) - 1
         loss_sum, in_contexts = _level_sums(
@@ -340,7 +340,7 @@ def contexts_ssi_loss(
         in_contexts = p.new_zeros(p.shape).index_put((pixels,), in_contexts)
     else:
         loss_sum, in_contexts = _level_sums(p, g, levels, detach_pred_median)
-    n_valid = valid.sum().clamp(min=1)  # (every map below is 0 without members)
+    n_valid = n_valid.clamp(min=1)  # (every map below is 0 without members)
     if pooled:  # each pixel's share of the pooled mean, scaled to sum to it over N_v
         loss_map = loss_sum * (n_valid / in_contexts.sum().clamp(min=1))
     else:
