@@ -221,6 +221,23 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+def test_ssi_loss_compiles_as_one_graph_with_dynamic_shapes(fresh_dynamo):
+    """``dynamic=True``: no Python arithmetic on sizes that a symbolic size breaks (the engine's
+    row sums pick their run length by a loop of ``%``, not ``math.gcd``). DR, DP and DS do not
+    compile with dynamic shapes yet (a Dynamo assertion inside the autograd.Function)."""
+    compiled = torch.compile(lambda p, g: hdn.ssi_loss(p, g), fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in ((2, 1, 32, 48), (3, 1, 40, 24)):
+        gen = _gen("dynamic", shape)
+        target = torch.rand(shape, generator=gen, dtype=F64) + 1
+        pred = torch.randn(shape, generator=gen, dtype=F64)
+        p1, p2 = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
+        got, want = compiled(p1, target), hdn.ssi_loss(p2, target)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("levels", [1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("kind", ["dr", "dp", "ds"])
 def test_hdn_loss_compiles_as_one_graph_at_every_level(kind, levels, fresh_dynamo):

@@ -11,7 +11,6 @@ level keeps a sign per entry. Every shape follows from the inputs' shapes: no ho
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -127,8 +126,11 @@ def segment_sum(values: Tensor, level: Segments) -> Tensor:
     values. Rows add runs of up to 64 entries in their own dtype first (no float64 copy of
     the rows; the runs' rounding is that of the context's own values)."""
     if _dense(level):
-        run = math.gcd(values.shape[2], 64)
-        return values.unflatten(2, (-1, run)).sum(3).sum(2, dtype=torch.float64)
+        run = 64  # the largest power of two up to 64 that divides C (no math.gcd: C may be symbolic)
+        while values.shape[2] % run:
+            run //= 2
+        values = values.unflatten(2, (-1, run)).sum(3) if run > 1 else values
+        return values.sum(2, dtype=torch.float64)
     sums = torch.zeros(values.shape[0], level.num + 1, dtype=torch.float64, device=values.device)
     values = values if values.dtype == torch.float64 else values.to(torch.float64)
     return sums.scatter_add(1, level.seg.expand(values.shape), values)
