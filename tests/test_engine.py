@@ -96,7 +96,6 @@ def test_the_reported_cancellation_case_gives_the_image_alone():
     torch.testing.assert_close(batch, alone, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
 
 
-
 @pytest.mark.parametrize("reduction", ["mean", "sum", "per_image"])
 @pytest.mark.parametrize("kind", ["ssi", "dr", "dp", "ds", "labels"])
 def test_the_loss_and_its_gradient_have_the_same_bits_on_one_and_on_two_threads(kind, reduction):
@@ -119,6 +118,7 @@ def test_the_loss_and_its_gradient_have_the_same_bits_on_one_and_on_two_threads(
         torch.set_num_threads(before)
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
+
 
 # --- 2. and 3. non-finite predictions poison only the contexts that hold them -------------
 

@@ -228,7 +228,7 @@ def _statistics(x: Tensor, level: Segments, c: _Counts, median: Tensor) -> tuple
     (``(R, S)``)."""
     t = x.gather(1, median)  # (any pixel's value for an empty segment: it has no member)
     centered = torch.where(c.entries, _entries(x, level) - _spread(t, level), 0)  # no NaN reaches the spare
-    if _dense(level) or x.requires_grad:  # (rows sum no float64 copy; autograd keeps centered)
+    if _dense(level) or x.requires_grad:  # (rows sum runs without a float64 copy; autograd keeps centered)
         magnitude = centered.abs()
     else:  # scatter_add sums in the values' dtype: one float64 copy, made absolute in place
         magnitude = centered.to(torch.float64, copy=True).abs_()
